@@ -1,0 +1,49 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+DEVICE_VENV := .venv-device
+BIN := $(VENV)/bin
+DEMO := examples/digits
+OUT := out
+
+.PHONY: demo test test-fast bench sysdeps venv device-venv clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[convert,micro,test]'
+	touch $@
+
+# The "device" side of the deploy tests: numpy 1.x and tflite-runtime, no TensorFlow, no edgeq.
+device-venv: $(DEVICE_VENV)/.installed
+$(DEVICE_VENV)/.installed:
+	$(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/pip install -q 'numpy<2' 'tflite-runtime==2.14.0'
+	touch $@
+
+sysdeps:
+	bash scripts/system-deps.sh
+
+test: sysdeps venv device-venv
+	EDGEQ_DEVICE_PYTHON=$(abspath $(DEVICE_VENV))/bin/python $(BIN)/pytest
+
+# Everything but the slow tests, for a quick loop while editing.
+test-fast: venv device-venv
+	EDGEQ_DEVICE_PYTHON=$(abspath $(DEVICE_VENV))/bin/python $(BIN)/pytest -m 'not slow'
+
+demo: venv
+	$(BIN)/python $(DEMO)/train.py --out $(DEMO)
+	mkdir -p $(OUT)
+	$(BIN)/edgeq convert $(DEMO)/model.keras --calib $(DEMO)/calib.npy --eval $(DEMO)/eval.npz \
+		--target rpi4 -o $(OUT)/digits_int8.tflite
+	$(BIN)/edgeq check $(OUT)/digits_int8.tflite --target rpi4
+	$(BIN)/edgeq check $(OUT)/digits_int8.tflite --target cortex-m4
+	$(BIN)/edgeq deploy $(OUT)/digits_int8.tflite --eval $(DEMO)/eval.npz -o reports/demo
+
+bench: venv device-venv
+	$(BIN)/python benchmarks/bench_convert.py
+	$(BIN)/python benchmarks/bench_runner.py
+
+clean:
+	rm -rf $(OUT) reports $(DEMO)/model.keras $(DEMO)/calib.npy $(DEMO)/eval.npz

@@ -1,0 +1,92 @@
+"""Shared fixtures: real, tiny models and data made in the test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def digits() -> dict[str, np.ndarray]:
+    """scikit-learn's digits as 8x8x1 float32 images in [0, 1], split 70/30 (seeded)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype("float32") / 16.0)[..., None]
+    y = d.target.astype("int64")
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order]
+    n = int(len(x) * 0.7)
+    return {"x_train": x[:n], "y_train": y[:n], "x_test": x[n:], "y_test": y[n:]}
+
+
+@pytest.fixture(scope="session")
+def digits_keras(tmp_path_factory, digits) -> Path:
+    """A small CNN trained on digits for a few seconds, saved as ``.keras``."""
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential(
+        [
+            tf.keras.layers.Input((8, 8, 1), name="image"),
+            tf.keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+            tf.keras.layers.MaxPooling2D(),
+            tf.keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(digits["x_train"], digits["y_train"], epochs=15, batch_size=32, verbose=0)
+    path = tmp_path_factory.mktemp("digits") / "model.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_int8_tflite(tmp_path_factory, digits_keras, digits) -> Path:
+    """The digits CNN as a full-int8 ``.tflite``, made with TensorFlow's converter directly.
+
+    Independent of ``edgeq.convert`` on purpose, so tests of the reader, check
+    and deploy do not depend on the code under test in another module.
+    """
+    import tensorflow as tf
+
+    model = tf.keras.models.load_model(digits_keras)
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    calib = digits["x_train"][:200]
+    conv.representative_dataset = lambda: ([calib[i : i + 1]] for i in range(len(calib)))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.int8
+    conv.inference_output_type = tf.int8
+    path = tmp_path_factory.mktemp("digits_int8") / "model_int8.tflite"
+    path.write_bytes(conv.convert())
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_float_tflite(tmp_path_factory, digits_keras) -> Path:
+    """The digits CNN as a float32 ``.tflite`` (no quantization)."""
+    import tensorflow as tf
+
+    model = tf.keras.models.load_model(digits_keras)
+    path = tmp_path_factory.mktemp("digits_f32") / "model_f32.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_eval_npz(tmp_path_factory, digits) -> Path:
+    """Held-out digits as ``eval.npz`` with ``x`` (float32) and ``y`` labels."""
+    path = tmp_path_factory.mktemp("digits_eval") / "eval.npz"
+    np.savez(path, x=digits["x_test"], y=digits["y_test"])
+    return path
