@@ -24,8 +24,11 @@ def echo_port():
                 return
             def loop(c=c):
                 with c:
-                    while data := c.recv(4096):
-                        c.sendall(data)
+                    try:
+                        while data := c.recv(4096):
+                            c.sendall(data)
+                    except OSError:
+                        pass  # the proxy reset the link: that is the point
             threading.Thread(target=loop, daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
