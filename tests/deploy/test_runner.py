@@ -1,0 +1,45 @@
+"""The on-device runner itself: Python 3.8 syntax, probe on the device venv, install's checksum check."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import subprocess
+
+from edgeq.deploy import runner_source
+
+
+def test_runner_is_python38_syntax_and_imports_nothing_of_edgeq():
+    src = runner_source().decode()
+    tree = ast.parse(src, feature_version=(3, 8))
+    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not [m for m in mods if m and m.startswith("edgeq")]
+    for newer in (".removeprefix(", ".removesuffix(", "functools.cache(", "zoneinfo", "math.lcm(", "str | None"):
+        assert newer not in src, f"{newer} needs Python > 3.8"
+
+
+def _runner(python: str, *args: str) -> dict:
+    out = subprocess.run([python, "-", *args], input=runner_source(), capture_output=True, timeout=120)
+    return json.loads(out.stdout)
+
+
+def test_probe_on_device_venv(device_python, tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m").write_bytes(b"x")
+    doc = _runner(device_python, "probe", "--dir", str(tmp_path), "--have", "models/m", "--have", "models/n")
+    assert doc["ok"] and doc["runtime"] == {"name": "tflite_runtime", "version": "2.14.0"}
+    assert doc["numpy"].startswith("1.") and doc["have"] == {"models/m": True, "models/n": False}
+    assert doc["cpu_cores"] >= 1 and doc["disk"]["free_bytes"] > 0 and "emulated" in doc["emulation"]
+
+
+def test_install_verifies_checksum_before_rename(device_python, tmp_path):
+    tmp = tmp_path / "f.tmp-1"
+    tmp.write_bytes(b"payload")
+    final = tmp_path / "f"
+    bad = _runner(device_python, "install", "--item", str(tmp), str(final), "0" * 64)
+    assert not bad["ok"] and bad["kind"] == "checksum" and not final.exists() and not tmp.exists()
+    tmp.write_bytes(b"payload")
+    good = _runner(device_python, "install", "--item", str(tmp), str(final), hashlib.sha256(b"payload").hexdigest())
+    assert good["ok"] and final.read_bytes() == b"payload" and not tmp.exists()
