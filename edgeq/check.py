@@ -1,0 +1,445 @@
+"""Does a model fit and run on a target? Every problem at once, before anything is flashed.
+
+``check_model`` looks at the ``.tflite`` (read without TensorFlow) against a
+``TargetProfile``: ops and op x dtype support, kernels that fall back to slow
+reference code, float tensors on full-integer targets, flash and RAM budgets
+(RAM measured by the target's own runtime in a sandboxed child), MACs and a
+latency estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from edgeq.micro import Measurement, measure_arena, measure_litert
+from edgeq.targets import TargetProfile
+from edgeq.tflite_file import Operator, Subgraph, TfliteModel
+
+# Recommended arena = measured arena x (1 + margin), rounded up to 16 bytes.
+# The margin covers optimized kernels (CMSIS-NN, ESP-NN) asking for scratch
+# buffers the host's reference kernels do not.
+DEFAULT_ARENA_MARGIN = 0.20
+
+# Ops that only move or reinterpret data: no kernel worth accelerating.
+_DATA_MOVEMENT = frozenset({
+    "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "SHAPE", "QUANTIZE", "DEQUANTIZE", "CONCATENATION", "PACK", "UNPACK",
+    "SPLIT", "SPLIT_V", "SLICE", "STRIDED_SLICE", "GATHER", "GATHER_ND", "CAST", "FILL", "ZEROS_LIKE",
+    "BROADCAST_TO", "BROADCAST_ARGS", "CALL_ONCE", "VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "IF", "WHILE",
+})
+_FLOAT_TYPES = frozenset({"float32", "float16", "float64", "bfloat16"})
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How thoroughly to check."""
+
+    measure: bool = True  # load the model in the target's runtime (child process) for RAM
+    invoke: bool = True  # and run one inference on zeros there
+    timeout_s: float = 120.0
+    arena_margin: float = DEFAULT_ARENA_MARGIN
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One violation or warning."""
+
+    code: str
+    message: str
+    op: Optional[str] = None
+    tensor: Optional[str] = None
+    hint: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"code": self.code, "message": self.message}
+        for k in ("op", "tensor", "hint"):
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = v
+        return d
+
+
+@dataclass(frozen=True)
+class OpMacs:
+    """Compute of one operator: multiply-accumulates, or element operations for the rest."""
+
+    index: int
+    subgraph: int
+    op: str
+    dtype: str
+    macs: int
+    elementwise: int
+    accelerated: bool
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of ``check_model``. ``fits`` is true when there are no violations."""
+
+    model: str
+    sha256: str
+    target: str
+    target_kind: str
+    runtime: str
+    backend: str
+    fits: bool
+    violations: tuple[Finding, ...]
+    warnings: tuple[Finding, ...]
+    ops: dict[str, int]
+    scheme: str
+    memory: dict[str, Any]
+    macs: dict[str, Any]
+    per_op: tuple[OpMacs, ...] = field(repr=False)
+    estimate: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def arena_bytes(self) -> Optional[int]:
+        return self.memory.get("arena_bytes")
+
+    @property
+    def recommended_arena_bytes(self) -> Optional[int]:
+        return self.memory.get("recommended_arena_bytes")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "sha256": self.sha256,
+            "target": self.target,
+            "target_kind": self.target_kind,
+            "runtime": self.runtime,
+            "backend": self.backend,
+            "fits": self.fits,
+            "violations": [f.to_dict() for f in self.violations],
+            "warnings": [f.to_dict() for f in self.warnings],
+            "ops": self.ops,
+            "scheme": self.scheme,
+            "memory": self.memory,
+            "macs": self.macs,
+            "estimate": self.estimate,
+        }
+
+    def summary_lines(self) -> list[str]:
+        """A short human summary (no colours, no trailing newlines)."""
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        lines = [f"check against {self.target} ({self.runtime}/{self.backend}): {verdict}"]
+        for f in self.violations:
+            lines.append(f"  violation [{f.code}] {f.message}" + (f" ({f.hint})" if f.hint else ""))
+        for f in self.warnings:
+            lines.append(f"  warning [{f.code}] {f.message}")
+        m = self.memory
+        lines.append(f"  flash: {_fmt_bytes(m['flash_needed_bytes'])} needed (model {_fmt_bytes(m['model_bytes'])}"
+                     f" + runtime {_fmt_bytes(m['runtime_flash_bytes'])}) of {_fmt_bytes(m['flash_budget_bytes'])}")
+        if m.get("arena_bytes") is not None:
+            lines.append(f"  RAM: arena {_fmt_bytes(m['arena_bytes'])} measured by TFLite Micro, recommend "
+                         f"{_fmt_bytes(m['recommended_arena_bytes'])} (+{round(m['arena_margin'] * 100)}%) of "
+                         f"{_fmt_bytes(m['ram_budget_bytes'])}")
+        elif m.get("interpreter_bytes") is not None:
+            lines.append(f"  RAM: interpreter {_fmt_bytes(m['interpreter_bytes'])} on this host of "
+                         f"{_fmt_bytes(m['ram_budget_bytes'])}")
+        else:
+            lines.append(f"  RAM: not measured; budget {_fmt_bytes(m['ram_budget_bytes'])}")
+        lines.append(f"  compute: {_fmt_count(self.macs['total'])} MACs"
+                     + (f" + {_fmt_count(self.macs['elementwise'])} element ops" if self.macs["elementwise"] else ""))
+        if self.estimate.get("latency_ms") is not None:
+            lines.append(f"  latency estimate: ~{self.estimate['latency_ms']:.3g} ms "
+                         f"({self.estimate['basis']}; not a measurement)")
+        return lines
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _fmt_count(n: int) -> str:
+    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+# --------------------------------------------------------------------------- ops
+
+
+def op_dtype(sg: Subgraph, op: Operator) -> str:
+    """The type an op computes on: its first non-constant input (or its first output)."""
+    for i in op.inputs:
+        if 0 <= i < len(sg.tensors) and not sg.tensors[i].has_data:
+            return sg.tensors[i].dtype
+    for i in op.outputs:
+        if 0 <= i < len(sg.tensors):
+            return sg.tensors[i].dtype
+    return "unknown"
+
+
+def _shape(sg: Subgraph, i: int) -> tuple[int, ...]:
+    if 0 <= i < len(sg.tensors):
+        return tuple(max(d, 1) for d in sg.tensors[i].shape)
+    return ()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def op_compute(sg: Subgraph, op: Operator) -> tuple[int, int]:
+    """(MACs, element ops) of one operator, from its tensor shapes."""
+    ins = op.inputs
+    out = _shape(sg, op.outputs[0]) if op.outputs else ()
+    n_out = _numel(out) if out else 0
+    name = op.op
+    if name == "CONV_2D" and len(ins) >= 2:
+        w = _shape(sg, ins[1])  # [out_c, kh, kw, in_c]
+        return (n_out * _numel(w[1:]) if len(w) == 4 else 0), 0
+    if name == "DEPTHWISE_CONV_2D" and len(ins) >= 2:
+        w = _shape(sg, ins[1])  # [1, kh, kw, out_c]
+        return (n_out * w[1] * w[2] if len(w) == 4 else 0), 0
+    if name == "CONV_3D" and len(ins) >= 2:
+        w = _shape(sg, ins[1])  # [kd, kh, kw, in_c, out_c]
+        return (n_out * _numel(w[:4]) if len(w) == 5 else 0), 0
+    if name == "FULLY_CONNECTED" and len(ins) >= 2:
+        w = _shape(sg, ins[1])  # [units, in_features]
+        return (n_out * w[-1] if w else 0), 0
+    if name == "TRANSPOSE_CONV" and len(ins) >= 3:
+        w = _shape(sg, ins[1])  # [out_c, kh, kw, in_c]; inputs: output_shape, weights, input
+        x = _shape(sg, ins[2])
+        return (_numel(x) * w[0] * w[1] * w[2] if len(w) == 4 else 0), 0
+    if name == "BATCH_MATMUL" and len(ins) >= 2 and len(out) >= 2:
+        a = _shape(sg, ins[0])
+        m, n = out[-2], out[-1]
+        batch = max(n_out // max(m * n, 1), 1)
+        k = _numel(a) // max(batch * m, 1)
+        return n_out * k, 0
+    if name in ("AVERAGE_POOL_2D", "MAX_POOL_2D", "L2_POOL_2D", "MEAN", "SUM", "REDUCE_MAX", "REDUCE_MIN"):
+        return 0, _numel(_shape(sg, ins[0])) if ins else 0
+    if name in _DATA_MOVEMENT:
+        return 0, 0
+    return 0, n_out
+
+
+def _scheme(model: TfliteModel) -> str:
+    dtypes = {sg.tensors[i].dtype for sg in model.subgraphs for op in sg.operators for i in op.outputs
+              if 0 <= i < len(sg.tensors)}
+    if dtypes & _FLOAT_TYPES:
+        return "float32"
+    if "int16" in dtypes:
+        return "int16x8"
+    return "int8"
+
+
+def check_model(model: TfliteModel, target: TargetProfile, options: Optional[CheckOptions] = None) -> CheckResult:
+    """Check ``model`` against ``target`` and report every violation and warning at once."""
+    opts = options or CheckOptions()
+    violations: list[Finding] = []
+    warnings: list[Finding] = []
+
+    # ---- ops, op x dtype, fallbacks (grouped so each problem is said once)
+    unsupported: dict[str, int] = {}
+    bad_dtype: dict[tuple[str, str], int] = {}
+    fallback: dict[tuple[str, str], int] = {}
+    per_op: list[OpMacs] = []
+    for s, sg in enumerate(model.subgraphs):
+        for op in sg.operators:
+            dtype = op_dtype(sg, op)
+            macs, elem = op_compute(sg, op)
+            support = target.op_support(op.op)
+            accelerated = target.is_accelerated(op.op, dtype)
+            per_op.append(OpMacs(op.index, s, op.op, dtype, macs, elem, accelerated))
+            if support is None:
+                unsupported[op.op] = unsupported.get(op.op, 0) + 1
+            elif not support.supports(dtype):
+                bad_dtype[(op.op, dtype)] = bad_dtype.get((op.op, dtype), 0) + 1
+            elif (not accelerated and target.backend != "reference" and op.op not in _DATA_MOVEMENT
+                  and (macs or elem)):
+                fallback[(op.op, dtype)] = fallback.get((op.op, dtype), 0) + 1
+
+    runtime_name = "TFLite Micro" if target.runtime == "tflm" else "LiteRT"
+    for name, n in unsupported.items():
+        what = f"custom op {name.split(':', 1)[1]}" if name.startswith("CUSTOM:") else name
+        violations.append(Finding("unsupported-op", f"{what} ({n}x) is not supported by {runtime_name} on {target.name}",
+                                  op=name, hint="replace the layer with supported builtin ops"))
+    for (name, dtype), n in bad_dtype.items():
+        support = target.op_support(name)
+        have = ", ".join(support.dtypes or ()) if support else ""
+        violations.append(Finding("unsupported-dtype",
+                                  f"{name} on {dtype} ({n}x) is not supported by {runtime_name} "
+                                  f"(its kernel takes {have})", op=name,
+                                  hint="convert to full-integer int8" if dtype in _FLOAT_TYPES else None))
+    kernels = {"xnnpack": "XNNPACK", "cmsis-nn": "CMSIS-NN", "esp-nn": "ESP-NN"}.get(target.backend, target.backend)
+    slower = "LiteRT's built-in kernels" if target.runtime == "litert" else "reference kernels"
+    for (name, dtype), n in fallback.items():
+        warnings.append(Finding("reference-kernel",
+                                f"{name} on {dtype} ({n}x) has no {kernels} kernel and runs on {slower}",
+                                op=name))
+
+    # ---- quantization the target requires
+    scheme = _scheme(model)
+    if target.requires_full_integer:
+        floats = [t for sg in model.subgraphs for t in sg.tensors if t.dtype in _FLOAT_TYPES]
+        if floats:
+            names = ", ".join(t.name for t in floats[:3]) + (", ..." if len(floats) > 3 else "")
+            violations.append(Finding("float-tensors",
+                                      f"{len(floats)} float tensors ({names}) but {target.name} runs "
+                                      "full-integer models only", tensor=floats[0].name,
+                                      hint=f"convert with `edgeq convert --target {target.name}`"))
+    if not target.supports_scheme(scheme) and not (scheme == "float32" and target.requires_full_integer):
+        violations.append(Finding("scheme", f"the model is {scheme} but {target.name} offers "
+                                  f"{', '.join(target.schemes)}", hint="convert with --scheme int8"))
+
+    # ---- flash
+    flash_needed = model.size_bytes + target.runtime_flash_bytes
+    memory: dict[str, Any] = {
+        "model_bytes": model.size_bytes,
+        "runtime_flash_bytes": target.runtime_flash_bytes,
+        "flash_needed_bytes": flash_needed,
+        "flash_budget_bytes": target.flash_available_bytes,
+        "ram_budget_bytes": target.ram_available_bytes,
+    }
+    if flash_needed > target.flash_available_bytes:
+        violations.append(Finding(
+            "flash",
+            f"flash: model {_fmt_bytes(model.size_bytes)} + runtime allowance "
+            f"{_fmt_bytes(target.runtime_flash_bytes)} = {_fmt_bytes(flash_needed)} is over the "
+            f"{_fmt_bytes(target.flash_available_bytes)} flash budget of {target.name}",
+            hint="use a smaller model (fewer or narrower layers) or a target with more flash"))
+
+    # ---- RAM, measured by the target's runtime in a child process
+    if opts.measure and not unsupported:
+        if target.runtime == "tflm":
+            _ram_tflm(model, target, opts, memory, violations, warnings)
+        else:
+            _ram_litert(model, target, opts, memory, violations, warnings)
+    elif opts.measure:
+        memory["ram_note"] = "not measured: the model has ops the runtime does not support"
+
+    # ---- compute
+    total = sum(o.macs for o in per_op)
+    elementwise = sum(o.elementwise for o in per_op)
+    macs = {
+        "total": total,
+        "elementwise": elementwise,
+        "per_op": [{"index": o.index, "subgraph": o.subgraph, "op": o.op, "dtype": o.dtype, "macs": o.macs,
+                    "elementwise": o.elementwise, "accelerated": o.accelerated} for o in per_op],
+    }
+    estimate = _estimate(per_op, target)
+
+    return CheckResult(
+        model=model.path,
+        sha256=model.sha256,
+        target=target.name,
+        target_kind=target.kind,
+        runtime=target.runtime,
+        backend=target.backend,
+        fits=not violations,
+        violations=tuple(violations),
+        warnings=tuple(warnings),
+        ops=model.op_counts,
+        scheme=scheme,
+        memory=memory,
+        macs=macs,
+        per_op=tuple(per_op),
+        estimate=estimate,
+    )
+
+
+def _crash_finding(m: Measurement, runtime: str) -> Finding:
+    last = m.log_tail.strip().splitlines()[-1:] if m.log_tail.strip() else []
+    if m.timed_out:
+        return Finding("interpreter-timeout", f"{runtime} {m.error} while loading and running the model",
+                       hint="the model may loop or be far too large for this target")
+    if m.crashed:
+        return Finding("interpreter-crash",
+                       f"{runtime} {m.error} while loading the model" + (f": {last[0]}" if last else ""),
+                       hint="the model would crash the device too; check its ops, shapes and size")
+    return Finding("interpreter-error", f"{runtime} cannot run the model: {m.error}"
+                   + (f" ({last[0]})" if last and last[0] not in m.error else ""),
+                   hint="see the runtime's message; an op, type or shape is not supported")
+
+
+def _ram_tflm(model: TfliteModel, target: TargetProfile, opts: CheckOptions, memory: dict[str, Any],
+              violations: list[Finding], warnings: list[Finding]) -> None:
+    m = measure_arena(model.path, timeout=opts.timeout_s, invoke=opts.invoke)
+    memory["measured_by"] = "tflite-micro RecordingMicroAllocator (child process)"
+    if not m.available:
+        warnings.append(Finding("arena-not-measured", "tensor arena not measured: the tflite-micro package is "
+                                "not installed", hint="pip install 'edgeq[micro]'"))
+        return
+    if not m.ok:
+        violations.append(_crash_finding(m, "TFLite Micro"))
+        return
+    arena = int(m.values["arena_bytes"])
+    recommended = int(math.ceil(arena * (1 + opts.arena_margin) / 16.0) * 16)
+    memory.update({
+        "arena_bytes": arena,
+        "arena_head_bytes": m.values.get("head_bytes"),
+        "arena_tail_bytes": m.values.get("tail_bytes"),
+        "arena_margin": opts.arena_margin,
+        "recommended_arena_bytes": recommended,
+        "arena_note": ("measured on this 64-bit host: an upper bound for a 32-bit microcontroller "
+                       "(pointers and structs are smaller there); the recommended arena adds "
+                       f"{round(opts.arena_margin * 100)}% for optimized-kernel scratch buffers"),
+    })
+    if arena > target.ram_available_bytes:
+        hint = "use a smaller model (smaller input or fewer channels)"
+        if target.psram_bytes and arena <= target.psram_bytes:
+            hint = f"the arena would fit in the {_fmt_bytes(target.psram_bytes)} PSRAM (slower); or " + hint
+        violations.append(Finding("ram", f"RAM: tensor arena {_fmt_bytes(arena)} is over the "
+                                  f"{_fmt_bytes(target.ram_available_bytes)} RAM budget of {target.name}",
+                                  hint=hint))
+    elif recommended > target.ram_available_bytes:
+        warnings.append(Finding("ram-margin", f"the arena fits ({_fmt_bytes(arena)}) but the recommended "
+                                f"{_fmt_bytes(recommended)} with margin does not fit "
+                                f"{_fmt_bytes(target.ram_available_bytes)}"))
+
+
+def _ram_litert(model: TfliteModel, target: TargetProfile, opts: CheckOptions, memory: dict[str, Any],
+                violations: list[Finding], warnings: list[Finding]) -> None:
+    m = measure_litert(model.path, threads=target.threads, timeout=opts.timeout_s, invoke=opts.invoke)
+    memory["measured_by"] = "ai-edge-litert Interpreter RSS after allocate_tensors and one run (child process)"
+    if not m.available:
+        warnings.append(Finding("ram-not-measured", "interpreter memory not measured: ai-edge-litert is not "
+                                "installed", hint="pip install ai-edge-litert"))
+        return
+    if not m.ok:
+        violations.append(_crash_finding(m, "LiteRT"))
+        return
+    used = int(m.values["interpreter_bytes"])
+    memory["interpreter_bytes"] = used
+    memory["interpreter_note"] = "resident memory the interpreter added on this host (x86/aarch64 differ a little)"
+    if used > target.ram_available_bytes:
+        violations.append(Finding("ram", f"RAM: the interpreter needs {_fmt_bytes(used)}, over the "
+                                  f"{_fmt_bytes(target.ram_available_bytes)} RAM budget of {target.name}",
+                                  hint="use a smaller model or a board with more memory"))
+
+
+def _estimate(per_op: list[OpMacs], target: TargetProfile) -> dict[str, Any]:
+    mpc = target.macs_per_cycle
+    # The profile's figure for a type the backend never accelerates is already a reference-kernel figure.
+    fast_types = {d for dtypes in target.accelerated.values() for d in dtypes}
+    seconds = 0.0
+    for o in per_op:
+        work = o.macs or o.elementwise
+        if not work:
+            continue
+        key = "float32" if o.dtype in _FLOAT_TYPES else ("int16" if o.dtype == "int16" else "int8")
+        rate = mpc.get(key) or min(mpc.values())
+        rate *= target.clock_hz * target.threads
+        if not o.accelerated and o.dtype in fast_types:
+            rate /= target.fallback_slowdown
+        seconds += work / rate
+    return {
+        "latency_ms": round(seconds * 1000, 4),
+        "label": "estimate",
+        "basis": f"profile throughput at {target.clock_hz / 1e6:g} MHz x {target.threads} thread(s), "
+                 f"{target.fallback_slowdown:g}x slower off {target.backend}",
+        "note": "an estimate from MAC counts and the profile's MACs/cycle, not a measurement; "
+                "run `edgeq deploy` to measure on the device",
+    }

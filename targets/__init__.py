@@ -1,0 +1,1 @@
+"""Target profiles (TOML data) shipped with edgeq as package ``edgeq._targets``."""
