@@ -115,7 +115,3 @@ class RunnerCrashed(DeviceError):
 
 class DeviceBusy(DeviceError):
     """Another deploy holds the device's lock."""
-
-
-class SandboxCrash(EdgeqError):
-    """An interpreter child process died or timed out while loading a model."""
