@@ -1,0 +1,504 @@
+"""Calibration and evaluation data: load, sample, validate (no TensorFlow here).
+
+A data source is one of:
+
+* ``.npy``: one array, first axis = samples (single-input models);
+* ``.npz``: one array per model input name, or ``x`` (single input), plus an
+  optional ``y`` with labels;
+* a directory of images (``.png``, ``.jpg``, ...), resized to the model input
+  with Pillow; images in sub-directories get the sorted sub-directory index as
+  their label;
+* ``module:function``: a function returning an iterable of samples, each an
+  array (single input), a tuple/list of arrays (in input order) or a dict
+  ``{input name: array}`` (a ``"y"`` key is taken as the label).
+
+Samples are drawn reproducibly (seeded) and checked against the model's input
+signature; every problem is a ``DataError`` naming the source and input.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from edgeq.errors import DataError, UsageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+# A `module:function` source may yield forever; we read at most this many samples.
+MAX_ITERABLE_SAMPLES = 10_000
+
+DEFAULT_SAMPLES = 200
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: its name, shape (``None`` for unknown dims, batch first) and dtype name."""
+
+    name: str
+    shape: tuple[Optional[int], ...]
+    dtype: str = "float32"
+
+    @property
+    def sample_shape(self) -> tuple[Optional[int], ...]:
+        """The shape of one sample (without the batch axis)."""
+        return tuple(self.shape[1:])
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How to draw and normalise samples.
+
+    ``samples=None`` takes every sample (what evaluation wants). ``mean``/``std``
+    (one value, or one per channel) or ``scale`` normalise the raw values:
+    ``(x - mean) / std`` or ``x * scale``; they apply to every source kind.
+    """
+
+    samples: Optional[int] = DEFAULT_SAMPLES
+    seed: int = 0
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
+    scale: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.samples is not None and self.samples < 1:
+            raise UsageError(f"--samples must be at least 1, got {self.samples}")
+        if self.scale is not None and (self.mean is not None or self.std is not None):
+            raise UsageError("use either --scale or --mean/--std, not both")
+        if self.std is not None and any(s == 0 for s in self.std):
+            raise UsageError("--std must not be 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "seed": self.seed,
+            "mean": list(self.mean) if self.mean is not None else None,
+            "std": list(self.std) if self.std is not None else None,
+            "scale": self.scale,
+        }
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Validated samples for every model input (read-only arrays, batch axis first)."""
+
+    source: str
+    kind: str  # "npy" | "npz" | "images" | "function"
+    names: tuple[str, ...]
+    arrays: tuple[np.ndarray, ...] = field(repr=False)
+    labels: Optional[np.ndarray] = field(default=None, repr=False)
+    available: int = 0  # samples in the source before sampling
+    indices: tuple[int, ...] = field(default=(), repr=False)  # which source samples were drawn
+
+    def __len__(self) -> int:
+        return int(self.arrays[0].shape[0]) if self.arrays else 0
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """``{input name: array}`` with all samples."""
+        return dict(zip(self.names, self.arrays))
+
+    def sample(self, i: int) -> dict[str, np.ndarray]:
+        """Sample ``i`` as ``{input name: array with a batch axis of 1}``."""
+        return {n: a[i : i + 1] for n, a in zip(self.names, self.arrays)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "samples": len(self),
+            "available": self.available,
+            "has_labels": self.labels is not None,
+            "inputs": {n: list(a.shape[1:]) for n, a in zip(self.names, self.arrays)},
+        }
+
+
+def load_dataset(
+    source: str | Path,
+    inputs: Sequence[InputSpec],
+    options: DataOptions = DataOptions(),
+    role: str = "calibration",
+) -> Dataset:
+    """Load ``source``, draw ``options.samples`` samples (seeded) and validate them against ``inputs``.
+
+    ``role`` ("calibration" or "evaluation") only words the error messages.
+    Raises ``DataError`` for anything that does not fit the model.
+    """
+    if not inputs:
+        raise DataError("the model has no inputs to feed")
+    src = str(source)
+    path = Path(src)
+    if path.is_dir():
+        kind = "images"
+        arrays, labels, available, indices = _load_images(path, inputs, options, role)
+    elif path.suffix.lower() == ".npy":
+        kind = "npy"
+        arrays, labels = _load_npy(path, inputs, role)
+        available, indices, arrays, labels = _draw(arrays, labels, options)
+    elif path.suffix.lower() == ".npz":
+        kind = "npz"
+        arrays, labels = _load_npz(path, inputs, role)
+        available, indices, arrays, labels = _draw(arrays, labels, options)
+    elif _looks_like_function(src) and not path.exists():
+        kind = "function"
+        arrays, labels = _load_function(src, inputs, role)
+        available, indices, arrays, labels = _draw(arrays, labels, options)
+    elif not path.exists():
+        raise DataError(
+            f"{role} data {src}: no such file or directory",
+            "give a .npy, .npz, a directory of images or module:function",
+        )
+    else:
+        raise DataError(
+            f"{role} data {src}: unknown format '{path.suffix or path.name}'",
+            "give a .npy, .npz, a directory of images or module:function",
+        )
+
+    checked = []
+    for spec, arr in zip(inputs, arrays):
+        arr = _check_array(arr, spec, src, role, len(inputs) > 1)
+        arr = _normalise(arr, options, spec, src)
+        _check_finite(arr, spec, src, role)
+        arr = np.ascontiguousarray(arr)
+        arr.setflags(write=False)
+        checked.append(arr)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape[0] != checked[0].shape[0]:
+            raise DataError(
+                f"{role} data {src}: {labels.shape[0]} labels for {checked[0].shape[0]} samples",
+                "give one label per sample in 'y'",
+            )
+        labels.setflags(write=False)
+    return Dataset(
+        source=src,
+        kind=kind,
+        names=tuple(s.name for s in inputs),
+        arrays=tuple(checked),
+        labels=labels,
+        available=available,
+        indices=tuple(int(i) for i in indices),
+    )
+
+
+def parse_floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
+    """Parse ``"0.5"`` or ``"0.485,0.456,0.406"`` for ``--mean``/``--std``."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{option} takes numbers separated by commas, got '{text}'") from None
+    if not values:
+        raise UsageError(f"{option} takes numbers separated by commas, got '{text}'")
+    return values
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _looks_like_function(src: str) -> bool:
+    if src.count(":") != 1:
+        return False
+    mod, fn = src.split(":")
+    return bool(mod) and fn.isidentifier() and all(p.isidentifier() for p in mod.split("."))
+
+
+def _empty(src: str, role: str) -> DataError:
+    return DataError(f"{role} data {src} holds no samples", f"give at least one {role} sample")
+
+
+def _load_npy(path: Path, inputs: Sequence[InputSpec], role: str) -> tuple[list[np.ndarray], None]:
+    if len(inputs) > 1:
+        names = ", ".join(s.name for s in inputs)
+        raise DataError(
+            f"{role} data {path}: the model has {len(inputs)} inputs ({names}) but a .npy holds one array",
+            "save an .npz with one array per input name",
+        )
+    arr = _read_numpy(path, role)
+    if not isinstance(arr, np.ndarray):
+        raise DataError(f"{role} data {path} does not hold an array")
+    return [arr], None
+
+
+def _load_npz(path: Path, inputs: Sequence[InputSpec], role: str) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+    with _read_numpy(path, role) as npz:
+        keys = list(npz.files)
+        names = [s.name for s in inputs]
+        data_keys = [k for k in keys if k != "y"]
+        if all(n in keys for n in names):
+            chosen = names
+        elif len(inputs) == 1 and "x" in keys:
+            chosen = ["x"]
+        elif len(inputs) == 1 and len(data_keys) == 1:
+            chosen = data_keys
+        else:
+            want = "'x' or '" + names[0] + "'" if len(names) == 1 else ", ".join(f"'{n}'" for n in names)
+            raise DataError(
+                f"{role} data {path}: expected arrays {want} (plus optional 'y'), found {', '.join(keys) or 'none'}",
+                "name the arrays after the model inputs",
+            )
+        try:
+            arrays = [npz[k] for k in chosen]
+            labels = npz["y"] if "y" in keys else None
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{role} data {path}: cannot read arrays ({exc})") from None
+    return arrays, labels
+
+
+def _read_numpy(path: Path, role: str) -> Any:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{role} data {path}: no such file", "check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{role} data {path} is a directory") from None
+    except PermissionError:
+        raise DataError(f"{role} data {path}: permission denied") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(
+            f"{role} data {path} is not a readable NumPy file ({exc})",
+            "save it with numpy.save / numpy.savez (object arrays are not accepted)",
+        ) from None
+
+
+def _draw(
+    arrays: list[np.ndarray], labels: Optional[np.ndarray], options: DataOptions
+) -> tuple[int, np.ndarray, list[np.ndarray], Optional[np.ndarray]]:
+    lengths = {a.shape[0] if a.ndim else 0 for a in arrays}
+    available = min(lengths) if lengths else 0
+    if len(lengths) > 1:
+        raise DataError(f"the input arrays hold different numbers of samples ({sorted(lengths)})",
+                        "give every input the same number of samples")
+    idx = _indices(available, options)
+    arrays = [a[idx] if a.ndim else a for a in arrays]
+    if labels is not None and labels.ndim and labels.shape[0] == available:
+        labels = labels[idx]
+    return available, idx, arrays, labels
+
+
+def _indices(available: int, options: DataOptions) -> np.ndarray:
+    if options.samples is None or options.samples >= available:
+        return np.arange(available)
+    rng = np.random.default_rng(options.seed)
+    return np.sort(rng.choice(available, size=options.samples, replace=False))
+
+
+def _load_images(
+    path: Path, inputs: Sequence[InputSpec], options: DataOptions, role: str
+) -> tuple[list[np.ndarray], Optional[np.ndarray], int, np.ndarray]:
+    if len(inputs) > 1:
+        raise DataError(
+            f"{role} data {path}: a directory of images can feed a single-input model only; "
+            f"this model has {len(inputs)} inputs",
+            "save an .npz with one array per input name",
+        )
+    spec = inputs[0]
+    shape = spec.sample_shape
+    if len(shape) != 3 or shape[0] is None or shape[1] is None:
+        raise DataError(
+            f"{role} data {path}: images need a model input of shape (height, width, channels), "
+            f"input '{spec.name}' has {_fmt_shape(shape)}",
+            "give an .npy with samples of the right shape",
+        )
+    height, width, channels = shape
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise _empty(str(path), role)
+    classes = sorted({p.parent.relative_to(path).parts[0] for p in files if p.parent != path})
+    labelled = bool(classes) and all(p.parent != path for p in files)
+    idx = _indices(len(files), options)
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading a directory of images needs Pillow", "pip install 'edgeq[convert]'") from None
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels or 3)
+    if mode is None:
+        raise DataError(f"{role} data {path}: input '{spec.name}' has {channels} channels; images have 1, 3 or 4")
+    out = np.empty((len(idx), height, width, channels or 3), dtype=np.float32)
+    for j, i in enumerate(idx):
+        f = files[i]
+        try:
+            with Image.open(f) as im:
+                im = im.convert(mode).resize((width, height), Image.BILINEAR)
+                pixels = np.asarray(im, dtype=np.float32)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{role} data {f}: cannot read image ({exc})", "remove or replace the file") from None
+        out[j] = pixels.reshape(height, width, -1)
+    labels = None
+    if labelled:
+        class_index = {c: k for k, c in enumerate(classes)}
+        labels = np.array([class_index[files[i].relative_to(path).parts[0]] for i in idx], dtype=np.int64)
+    return [out], labels, len(files), idx
+
+
+def _load_function(src: str, inputs: Sequence[InputSpec], role: str) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+    mod_name, fn_name = src.split(":")
+    added = False
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: modules in the working directory are found
+        added = True
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise DataError(f"{role} data {src}: cannot import module '{mod_name}' ({exc})",
+                        "check the module name and that it is on PYTHONPATH") from None
+    finally:
+        if added:
+            sys.path.remove("")
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise DataError(f"{role} data {src}: module '{mod_name}' has no function '{fn_name}'")
+    try:
+        produced = fn()
+        iterator = iter(produced)
+    except TypeError:
+        raise DataError(f"{role} data {src}: {fn_name}() must return an iterable of samples") from None
+
+    names = [s.name for s in inputs]
+    columns: list[list[np.ndarray]] = [[] for _ in inputs]
+    labels: list[Any] = []
+    for n, item in enumerate(iterator):
+        if n >= MAX_ITERABLE_SAMPLES:
+            break
+        label = None
+        if isinstance(item, Mapping):
+            missing = [k for k in names if k not in item]
+            if missing:
+                raise DataError(f"{role} data {src}: sample {n} has no value for input(s) {', '.join(missing)}")
+            values = [item[k] for k in names]
+            label = item.get("y")
+        elif isinstance(item, (tuple, list)):
+            if len(item) != len(inputs):
+                raise DataError(
+                    f"{role} data {src}: sample {n} has {len(item)} arrays, the model has {len(inputs)} inputs",
+                    "yield one array per input, or a dict {input name: array}",
+                )
+            values = list(item)
+        else:
+            if len(inputs) != 1:
+                raise DataError(f"{role} data {src}: sample {n} is one array, the model has {len(inputs)} inputs",
+                                "yield a tuple or a dict {input name: array}")
+            values = [item]
+        for k, (spec, v) in enumerate(zip(inputs, values)):
+            v = np.asarray(v)
+            # A leading batch axis of 1 is what a Keras user naturally yields.
+            if v.ndim == len(spec.sample_shape) + 1 and v.shape[0] == 1:
+                v = v[0]
+            columns[k].append(v)
+        labels.append(label)
+    if not columns[0]:
+        raise _empty(src, role)
+    arrays = []
+    for spec, col in zip(inputs, columns):
+        shapes = {c.shape for c in col}
+        if len(shapes) > 1:
+            raise DataError(
+                f"{role} data {src}: input '{spec.name}' samples have different shapes "
+                f"({', '.join(_fmt_shape(s) for s in sorted(shapes)[:3])})",
+                f"expected {_fmt_shape(spec.sample_shape)} for every sample",
+            )
+        try:
+            arrays.append(np.stack(col))
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{role} data {src}: input '{spec.name}' samples are not numeric arrays ({exc})") from None
+    y = np.asarray(labels) if all(v is not None for v in labels) else None
+    return arrays, y
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _fmt_shape(shape: Sequence[Optional[int]]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def _check_array(arr: np.ndarray, spec: InputSpec, src: str, role: str, multi: bool) -> np.ndarray:
+    where = f"{role} data {src}" + (f" (input '{spec.name}')" if multi else "")
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise _empty(src, role)
+    expected = spec.sample_shape
+    got = arr.shape[1:]
+    fits = len(got) == len(expected) and all(e is None or e == g for e, g in zip(expected, got))
+    if not fits:
+        hint = f"each sample must have shape {_fmt_shape(expected)} (first axis = samples)"
+        if len(got) + 1 == len(expected) and expected[-1] == 1 and tuple(got) == tuple(expected[:-1]):
+            hint = "add the channel axis, e.g. x[..., None]"
+        elif tuple(arr.shape) == tuple(expected):
+            hint = "add a leading samples axis, e.g. x[None]"
+        raise DataError(
+            f"{where}: expected samples of shape {_fmt_shape(expected)} (rank {len(expected)}), "
+            f"got {_fmt_shape(got)} (rank {len(got)}) from an array of shape {_fmt_shape(arr.shape)}",
+            hint,
+        )
+    return _cast(arr, spec, where)
+
+
+def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
+    try:
+        target = np.dtype(spec.dtype)
+    except TypeError:
+        raise DataError(f"{where}: the model input '{spec.name}' has dtype {spec.dtype}, which edgeq cannot feed") from None
+    src = arr.dtype
+    if src == target:
+        return arr
+    safe = (
+        np.can_cast(src, target, casting="same_kind")
+        or (src.kind in "biu" and target.kind == "f")
+        or (src.kind == "b" and target.kind in "iu")
+    )
+    if src.kind in "iu" and target.kind in "iu" and arr.size:
+        info = np.iinfo(target)
+        safe = bool(arr.min() >= info.min and arr.max() <= info.max)
+    if not safe:
+        raise DataError(
+            f"{where}: dtype {src} cannot be safely cast to the model's input dtype {target}",
+            f"convert the data to {target} yourself if the values allow it",
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        return arr.astype(target)
+
+
+def _normalise(arr: np.ndarray, options: DataOptions, spec: InputSpec, src: str) -> np.ndarray:
+    if options.scale is None and options.mean is None and options.std is None:
+        return arr
+    if arr.dtype.kind != "f":
+        raise DataError(f"--mean/--std/--scale need a float model input; '{spec.name}' is {arr.dtype}")
+    out = arr.astype(np.float32)
+    if options.scale is not None:
+        return out * np.float32(options.scale)
+    channels = arr.shape[-1] if arr.ndim > 1 else 1
+    for values, option in ((options.mean, "--mean"), (options.std, "--std")):
+        if values is not None and len(values) not in (1, channels):
+            raise DataError(f"{option} has {len(values)} values but input '{spec.name}' has {channels} channels",
+                            "give one value, or one per channel")
+    if options.mean is not None:
+        out = out - np.asarray(options.mean, dtype=np.float32)
+    if options.std is not None:
+        out = out / np.asarray(options.std, dtype=np.float32)
+    return out
+
+
+def _check_finite(arr: np.ndarray, spec: InputSpec, src: str, role: str) -> None:
+    if arr.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        n_nan = int(np.isnan(arr).sum())
+        n_inf = int(bad.sum()) - n_nan
+        first = int(np.argwhere(bad.reshape(arr.shape[0], -1).any(axis=1))[0][0])
+        what = " and ".join(p for p in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if p)
+        raise DataError(
+            f"{role} data {src}: input '{spec.name}' contains {what} values (first in sample {first})",
+            "remove or repair those samples (Inf can also mean values too large for float32)",
+        )
+
+
+def iter_samples(data: Dataset) -> Iterable[dict[str, np.ndarray]]:
+    """Every sample as ``{input name: array with a batch axis of 1}``."""
+    for i in range(len(data)):
+        yield data.sample(i)

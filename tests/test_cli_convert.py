@@ -1,0 +1,169 @@
+"""`edgeq convert` on the command line (CliRunner against real files and real conversions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeq.cli import main
+from edgeq.cli.convert import default_output
+
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, ["convert", *args])
+
+
+@pytest.fixture
+def fake_keras(tmp_path_factory) -> Path:
+    """Passes the cheap format check (a zip header) but is no model: for errors raised before loading."""
+    path = tmp_path_factory.mktemp("fake") / "fake.keras"
+    path.write_bytes(b"PK\x03\x04" + b"\x00" * 28)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib_npy(tmp_path_factory, digits) -> Path:
+    path = tmp_path_factory.mktemp("cli_calib") / "calib.npy"
+    np.save(path, digits["x_train"][:300])
+    return path
+
+
+def test_help_does_not_import_tensorflow():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from edgeq.cli import main\n"
+        "for args in (['--help'], ['convert', '--help']):\n"
+        "    r = CliRunner().invoke(main, args)\n"
+        "    assert r.exit_code == 0, r.output\n"
+        "bad = [m for m in ('tensorflow', 'keras', 'tf_keras') if m in sys.modules]\n"
+        "print('imported:', bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "imported: []" in proc.stdout
+
+
+def test_convert_help_lists_the_options():
+    r = CliRunner().invoke(main, ["convert", "--help"])
+    assert r.exit_code == 0
+    for opt in ("--calib", "--target", "--samples", "--input-type", "--output-type", "--scheme", "--eval",
+                "--mean", "--std", "--scale", "--report", "--json", "--seed"):
+        assert opt in r.output
+
+
+def test_default_output_name():
+    assert default_output("models/net.keras", "int8") == Path("net_int8.tflite")
+    assert default_output("exported/saved_model_dir/", "int16x8") == Path("saved_model_dir_int16x8.tflite")
+
+
+def test_missing_model_is_one_error_line(tmp_path):
+    r = _run(str(tmp_path / "nope.keras"), "--calib", "c.npy", "-o", str(tmp_path / "o.tflite"))
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == [f"error: {tmp_path / 'nope.keras'}: no such file or directory; "
+                                             "check the path to the model"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_choice_is_a_usage_error(tmp_path):
+    r = _run("m.keras", "--calib", "c.npy", "--scheme", "int4")
+    assert r.exit_code == 2 and "int4" in r.output
+
+
+def test_incompatible_io_type_is_a_usage_error(tmp_path, fake_keras):
+    r = _run(str(fake_keras), "--calib", "c.npy", "--scheme", "int16x8", "--input-type", "uint8",
+             "-o", str(tmp_path / "o.tflite"))
+    assert r.exit_code == 2
+    assert "error: --input-type uint8 does not go with --scheme int16x8" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_in_missing_directory(tmp_path, fake_keras):
+    r = _run(str(fake_keras), "--calib", "calib.npy", "-o", str(tmp_path / "no" / "o.tflite"))
+    assert r.exit_code == 1
+    assert "error: output" in r.output and "does not exist; create it" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_convert_writes_model_report_and_summary(tmp_path, digits_keras, calib_npy, digits_eval_npz):
+    out = tmp_path / "d.tflite"
+    r = _run(str(digits_keras), "--calib", str(calib_npy), "--eval", str(digits_eval_npz), "-o", str(out),
+             "--samples", "100")
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and (tmp_path / "d.report.json").is_file()
+    text = r.output
+    for needle in ("wrote", "size", "float32", "ops", "CONV_2D", "input", "zero point", "fidelity",
+                   "top-1 agree", "worst layers"):
+        assert needle in text, needle
+    # Quiet: no TensorFlow log lines, no progress when not on a terminal.
+    assert "tensorflow" not in text.lower().replace("tensorflow's", "")
+    assert "I0000" not in text and "W0000" not in text
+    report = json.loads((tmp_path / "d.report.json").read_text())
+    assert report["calibration"]["samples"] == 100
+
+
+@pytest.mark.slow
+def test_json_prints_the_report(tmp_path, digits_keras, calib_npy):
+    out = tmp_path / "d.tflite"
+    report_path = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["convert", str(digits_keras), "--calib", str(calib_npy), "-o", str(out),
+                                  "--report", str(report_path), "--json", "--samples", "50"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data == json.loads(report_path.read_text())
+    assert data["output"]["path"] == str(out) and data["fidelity"] is None
+    assert not (tmp_path / "d.report.json").exists()
+
+
+@pytest.mark.slow
+def test_bad_calibration_shape_exits_1_and_writes_nothing(tmp_path, digits_keras):
+    np.save(tmp_path / "calib.npy", np.zeros((5, 64), np.float32))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    r = _run(str(digits_keras), "--calib", str(tmp_path / "calib.npy"), "-o", str(out_dir / "o.tflite"))
+    assert r.exit_code == 1
+    assert "error: calibration data" in r.output
+    assert "expected samples of shape (8, 8, 1) (rank 3), got (64,) (rank 1)" in r.output
+    assert "Traceback" not in r.output
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_target_rpi4(tmp_path, digits_keras, calib_npy):
+    out = tmp_path / "d.tflite"
+    r = _run(str(digits_keras), "--calib", str(calib_npy), "--target", "rpi4", "-o", str(out), "--samples", "50")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "d.report.json").read_text())
+    assert report["target"] == "rpi4"
+    assert set(report["check"]) >= {"fits", "violations", "warnings"}
+    assert "check against rpi4" in r.output
+
+
+def test_unknown_target_is_an_error_before_converting(tmp_path, fake_keras):
+    r = _run(str(fake_keras), "--calib", "calib.npy", "--target", "no-such-board", "-o",
+             str(tmp_path / "o.tflite"))
+    assert r.exit_code == 1 and "error: unknown target 'no-such-board'" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int16x8_refused_for_a_target_without_it(tmp_path, fake_keras):
+    from edgeq.targets import list_targets
+
+    without = [t for t in list_targets() if not t.supports_scheme("int16x8")]
+    if not without:
+        pytest.fail("expected at least one shipped target profile without int16x8 support")
+    name = without[0].name
+    r = _run(str(fake_keras), "--calib", "calib.npy", "--target", name, "--scheme", "int16x8",
+             "-o", str(tmp_path / "o.tflite"))
+    assert r.exit_code == 2
+    assert f"target {name} does not support --scheme int16x8" in r.output
+    assert list(tmp_path.iterdir()) == []
