@@ -39,7 +39,8 @@ demo: venv
 		--target rpi4 -o $(OUT)/digits_int8.tflite
 	$(BIN)/edgeq check $(OUT)/digits_int8.tflite --target rpi4
 	$(BIN)/edgeq check $(OUT)/digits_int8.tflite --target cortex-m4
-	$(BIN)/edgeq deploy $(OUT)/digits_int8.tflite --eval $(DEMO)/eval.npz -o reports/demo
+	$(BIN)/edgeq deploy $(OUT)/digits_int8.tflite --eval $(DEMO)/eval.npz \
+		--remote-dir $(CURDIR)/.cache/local-device -o reports/demo
 
 bench: venv device-venv
 	$(BIN)/python benchmarks/bench_convert.py
