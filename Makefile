@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 DEMO := examples/digits
 OUT := out
 
-.PHONY: demo test test-fast bench sysdeps venv device-venv clean
+.PHONY: demo demo-model test test-fast bench sysdeps venv device-venv clean testbed testbed-stop demo-arm64
+
+TESTBED := tests/devices/testbed.sh
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -22,8 +24,11 @@ $(DEVICE_VENV)/.installed:
 	$(DEVICE_VENV)/bin/pip install -q 'numpy<2' 'tflite-runtime==2.14.0'
 	touch $@
 
+# Debian packages: sshd and chromium for the deploy tests; debootstrap, qemu-user-static,
+# binfmt-support and iproute2 for the emulated Raspberry Pi (tests marked arm64).
 sysdeps:
 	bash scripts/system-deps.sh
+	bash $(TESTBED) deps
 
 test: sysdeps venv device-venv
 	EDGEQ_DEVICE_PYTHON=$(abspath $(DEVICE_VENV))/bin/python $(BIN)/pytest
@@ -32,15 +37,32 @@ test: sysdeps venv device-venv
 test-fast: venv device-venv
 	EDGEQ_DEVICE_PYTHON=$(abspath $(DEVICE_VENV))/bin/python $(BIN)/pytest -m 'not slow'
 
-demo: venv
+# Train the example (seconds) and convert it for a Raspberry Pi 4.
+demo-model: venv
 	$(BIN)/python $(DEMO)/train.py --out $(DEMO)
 	mkdir -p $(OUT)
 	$(BIN)/edgeq convert $(DEMO)/model.keras --calib $(DEMO)/calib.npy --eval $(DEMO)/eval.npz \
 		--target rpi4 -o $(OUT)/digits_int8.tflite
+
+demo: demo-model
 	$(BIN)/edgeq check $(OUT)/digits_int8.tflite --target rpi4
 	$(BIN)/edgeq check $(OUT)/digits_int8.tflite --target cortex-m4
 	$(BIN)/edgeq deploy $(OUT)/digits_int8.tflite --eval $(DEMO)/eval.npz \
 		--remote-dir $(CURDIR)/.cache/local-device -o reports/demo
+
+# An emulated Raspberry Pi 4 (arm64 Debian bookworm under qemu-user, own sshd and netns). Needs root;
+# the first start builds and caches the userland (about 4 minutes).
+testbed:
+	bash $(TESTBED) start
+
+testbed-stop:
+	bash $(TESTBED) stop --all
+
+demo-arm64: demo-model testbed
+	eval "$$(bash $(TESTBED) env)" && $(BIN)/edgeq deploy $(OUT)/digits_int8.tflite \
+		--host "$$EDGEQ_TESTBED_HOST" --identity "$$EDGEQ_TESTBED_KEY" \
+		--known-hosts "$$EDGEQ_TESTBED_KNOWN_HOSTS" --python "$$EDGEQ_TESTBED_PYTHON_LITERT" \
+		--eval $(DEMO)/eval.npz -o reports/demo-arm64
 
 bench: venv device-venv
 	$(BIN)/python benchmarks/bench_convert.py
