@@ -9,6 +9,15 @@ Modes:
   probe   [--dir DIR] [--have RELPATH ...]     device facts, in one round trip
   install --item TMP FINAL SHA256 [...]        verify sha256 on the device, then rename
   run     --model PATH [--eval NPZ] [...]      load, time, evaluate
+  lock    --dir DIR --token T --owner JSON     take the device lock (mkdir, atomic) or report who holds it
+  unlock  --dir DIR --token T                  release it (only if T holds it)
+  activate --dir DIR --sha SHA --token T       point DIR/current at models/SHA (atomic rename)
+  rollback --dir DIR --token T                 swap DIR/current and DIR/previous
+
+Activation layout: ``DIR/current`` and ``DIR/previous`` are symlinks to
+``models/<sha256>``; applications load ``DIR/current/model.tflite``. A switch
+writes a new symlink at a temporary name and renames it over the old one, so a
+reader sees the old model or the new one, never neither.
 
 Timed runs follow benchmark_model: at least --runs (50) and at least
 --min-seconds (1 s), stopping at --max-runs (10000) or --max-seconds (150 s).
@@ -31,7 +40,7 @@ import tempfile
 import time
 
 RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
-RUNNER_VERSION = 1
+RUNNER_VERSION = 2
 
 
 class RunnerError(Exception):
@@ -260,6 +269,7 @@ def probe(args):
         "remote_dir": remote_dir,
         "disk": _disk_free(remote_dir) if remote_dir else None,
         "have": have,
+        "activation": activation_state(remote_dir) if remote_dir else None,
     }
 
 
@@ -307,6 +317,205 @@ def _unlink(path):
         os.unlink(path)
     except OSError:
         pass
+
+
+# ---------------------------------------------------------- lock, activation
+
+LOCK_NAME = "lock"
+OWNER_FILE = "owner.json"
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _lock_owner(lock_dir):
+    """The owner document of a lock directory, with its age on the device clock."""
+    path = os.path.join(lock_dir, OWNER_FILE)
+    doc = None
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, IOError, ValueError):
+        doc = None
+    if not isinstance(doc, dict):
+        doc = {}
+    try:
+        since = float(doc.get("since")) if doc.get("since") is not None else os.stat(lock_dir).st_mtime
+    except (OSError, TypeError, ValueError):
+        since = time.time()
+    doc["age_s"] = round(max(0.0, time.time() - since), 3)
+    return doc
+
+
+def _sweep(remote_dir):
+    """Remove what a killed deploy left behind: temp uploads, temp links, broken locks."""
+    removed = 0
+    for sub in ("models", "data", "runner"):
+        for root, _dirs, files in os.walk(os.path.join(remote_dir, sub)):
+            for name in files:
+                if ".tmp-" in name:
+                    _unlink(os.path.join(root, name))
+                    removed += 1
+    for name in os.listdir(remote_dir):
+        full = os.path.join(remote_dir, name)
+        if name.startswith((".current.tmp-", ".previous.tmp-")):
+            _unlink(full)
+            removed += 1
+        elif name.startswith(LOCK_NAME + ".stale-"):
+            shutil.rmtree(full, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def lock(args):
+    remote_dir = os.path.abspath(os.path.expanduser(args.dir))
+    try:
+        if not os.path.isdir(remote_dir):
+            os.makedirs(remote_dir)
+    except OSError as exc:
+        raise RunnerError("cannot create %s: %s" % (remote_dir, exc.strerror or exc), "io")
+    lock_dir = os.path.join(remote_dir, LOCK_NAME)
+    broke = None
+    for _attempt in range(2):
+        try:
+            os.mkdir(lock_dir)
+        except OSError as exc:
+            if not os.path.isdir(lock_dir):
+                raise RunnerError("cannot create the lock %s: %s" % (lock_dir, exc.strerror or exc), "io")
+            owner = _lock_owner(lock_dir)
+            stale = args.stale_after is not None and owner["age_s"] > args.stale_after
+            if broke is None and (stale or (args.break_token and owner.get("token") == args.break_token)):
+                # rename is atomic: of two deploys breaking the same stale lock, one wins.
+                aside = "%s.stale-%s" % (lock_dir, base64.b16encode(os.urandom(4)).decode().lower())
+                try:
+                    os.rename(lock_dir, aside)
+                    shutil.rmtree(aside, ignore_errors=True)
+                    broke = owner
+                    broke["reason"] = "older than %g s" % args.stale_after if stale else "its holder is gone"
+                except OSError:
+                    pass
+                continue
+            return {"ok": False, "kind": "busy", "error": "the device is locked by another deploy",
+                    "owner": owner, "remote_dir": remote_dir}
+        owner = json.loads(args.owner) if args.owner else {}
+        owner.update({"token": args.token, "since": time.time(), "device_pid": os.getpid()})
+        tmp = os.path.join(lock_dir, OWNER_FILE + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(owner, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(lock_dir, OWNER_FILE))
+        except (OSError, IOError) as exc:
+            shutil.rmtree(lock_dir, ignore_errors=True)
+            raise RunnerError("cannot write the lock owner in %s: %s (is the disk full?)"
+                              % (lock_dir, getattr(exc, "strerror", None) or exc), "io")
+        _fsync_dir(remote_dir)
+        return {"ok": True, "mode": "lock", "remote_dir": remote_dir, "broke_stale": broke,
+                "swept": _sweep(remote_dir)}
+    return {"ok": False, "kind": "busy", "error": "the device lock changed hands while breaking a stale one",
+            "owner": _lock_owner(lock_dir), "remote_dir": remote_dir}
+
+
+def _holds(lock_dir, token):
+    return _lock_owner(lock_dir).get("token") == token
+
+
+def unlock(args):
+    remote_dir = os.path.abspath(os.path.expanduser(args.dir))
+    lock_dir = os.path.join(remote_dir, LOCK_NAME)
+    if not os.path.isdir(lock_dir):
+        return {"ok": True, "mode": "unlock", "released": False}
+    if not _holds(lock_dir, args.token):
+        return {"ok": False, "kind": "lock", "error": "the lock is held by another deploy; not releasing it"}
+    shutil.rmtree(lock_dir, ignore_errors=True)
+    _fsync_dir(remote_dir)
+    return {"ok": True, "mode": "unlock", "released": not os.path.exists(lock_dir)}
+
+
+def _link_sha(remote_dir, name):
+    try:
+        target = os.readlink(os.path.join(remote_dir, name))
+    except OSError:
+        return None
+    parts = target.rstrip("/").split("/")
+    return parts[-1] if len(parts) == 2 and parts[0] == "models" else None
+
+
+def activation_state(remote_dir):
+    """Which model ``current`` and ``previous`` point at (sha256 or None)."""
+    return {"current": _link_sha(remote_dir, "current"), "previous": _link_sha(remote_dir, "previous")}
+
+
+def _switch(remote_dir, name, sha):
+    """Point ``remote_dir/name`` at ``models/sha`` atomically: new link at a temp name, renamed over."""
+    tmp = os.path.join(remote_dir, ".%s.tmp-%s" % (name, base64.b16encode(os.urandom(4)).decode().lower()))
+    try:
+        os.symlink("models/" + sha, tmp)
+        os.replace(tmp, os.path.join(remote_dir, name))
+    except OSError as exc:
+        _unlink(tmp)
+        raise RunnerError("cannot switch %s to %s: %s" % (name, sha[:12], exc.strerror or exc), "io")
+    _fsync_dir(remote_dir)
+
+
+def _is_sha(text):
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def _guard(remote_dir, token):
+    if not _holds(os.path.join(remote_dir, LOCK_NAME), token):
+        raise RunnerError("this deploy no longer holds the device lock (another deploy broke it as stale)", "lock")
+
+
+def activate(args):
+    remote_dir = os.path.abspath(os.path.expanduser(args.dir))
+    if not _is_sha(args.sha):
+        raise RunnerError("not a sha256: %r" % args.sha, "usage")
+    _guard(remote_dir, args.token)
+    model = os.path.join(remote_dir, "models", args.sha, "model.tflite")
+    try:
+        actual = _sha256(model)
+    except (OSError, IOError) as exc:
+        raise RunnerError("cannot read %s: %s" % (model, exc), "io")
+    if actual != args.sha:
+        raise RunnerError("%s does not match its sha256 (got %s); not activating it" % (model, actual), "checksum")
+    before = activation_state(remote_dir)
+    switched = before["current"] != args.sha
+    if switched:
+        if before["current"]:
+            _switch(remote_dir, "previous", before["current"])
+        _switch(remote_dir, "current", args.sha)
+    after = activation_state(remote_dir)
+    return {"ok": True, "mode": "activate", "switched": switched, "active": after["current"],
+            "previous": after["previous"], "before": before}
+
+
+def rollback(args):
+    remote_dir = os.path.abspath(os.path.expanduser(args.dir))
+    _guard(remote_dir, args.token)
+    before = activation_state(remote_dir)
+    prev = before["previous"]
+    if not prev:
+        raise RunnerError("there is no previous model in %s to roll back to" % remote_dir, "rollback")
+    if not os.path.isfile(os.path.join(remote_dir, "models", prev, "model.tflite")):
+        raise RunnerError("the previous model %s is missing from %s/models" % (prev[:12], remote_dir), "rollback")
+    _switch(remote_dir, "current", prev)
+    if before["current"]:
+        _switch(remote_dir, "previous", before["current"])
+    after = activation_state(remote_dir)
+    return {"ok": True, "mode": "rollback", "switched": True, "active": after["current"],
+            "previous": after["previous"], "before": before}
 
 
 # ----------------------------------------------------------------------- run
@@ -533,6 +742,22 @@ def _parser():
     pr.add_argument("--have", action="append")
     ins = sub.add_parser("install")
     ins.add_argument("--item", nargs=3, action="append", metavar=("TMP", "FINAL", "SHA256"))
+    lk = sub.add_parser("lock")
+    lk.add_argument("--dir", required=True)
+    lk.add_argument("--token", required=True)
+    lk.add_argument("--owner")
+    lk.add_argument("--stale-after", type=float)
+    lk.add_argument("--break-token")
+    ul = sub.add_parser("unlock")
+    ul.add_argument("--dir", required=True)
+    ul.add_argument("--token", required=True)
+    ac = sub.add_parser("activate")
+    ac.add_argument("--dir", required=True)
+    ac.add_argument("--sha", required=True)
+    ac.add_argument("--token", required=True)
+    rb = sub.add_parser("rollback")
+    rb.add_argument("--dir", required=True)
+    rb.add_argument("--token", required=True)
     r = sub.add_parser("run")
     r.add_argument("--model", required=True)
     r.add_argument("--eval")
@@ -557,14 +782,18 @@ def main(argv=None):
             doc = probe(args)
         elif args.mode == "install":
             doc = install(args)
+        elif args.mode in ("lock", "unlock", "activate", "rollback"):
+            doc = {"lock": lock, "unlock": unlock, "activate": activate, "rollback": rollback}[args.mode](args)
         elif args.mode == "run":
             if not os.path.isfile(args.model):
                 raise RunnerError("model file %s does not exist on the device" % args.model, "io")
             doc = run(args)
         else:
-            raise RunnerError("no mode given; use probe, install or run", "usage")
+            raise RunnerError("no mode given; use probe, install, lock, unlock, activate, rollback or run", "usage")
     except RunnerError as exc:
         doc = {"ok": False, "error": str(exc), "kind": exc.kind}
+    except (OSError, IOError) as exc:
+        doc = {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc), "kind": "io"}
     except MemoryError:
         doc = {"ok": False, "error": "out of memory", "kind": "memory"}
     sys.stdout.write(json.dumps(doc))

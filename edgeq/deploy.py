@@ -8,8 +8,16 @@ The pipeline, one transport round trip per step:
    sha256 *on the device* and only then renamed to its final path
    (``REMOTE_DIR/models/<sha256>/model.tflite``, ``data/<sha256>/eval.npz``,
    ``runner/<sha256>/runner.py``);
-3. run: the uploaded runner loads the model, times it and evaluates it;
-4. reference: with eval data, the same runner runs the model on the host with
+3. lock: ``REMOTE_DIR/lock`` (an atomic ``mkdir``) refuses a second deploy to
+   the same device (``DeviceBusy``); a lock older than ``lock_stale_s``, or
+   left by a deploy of this controller that is no longer running, is stale
+   and broken (said in the report's warnings);
+4. run: the uploaded runner loads the model, times it and evaluates it (this is
+   also the smoke inference that gates activation);
+5. activate: ``REMOTE_DIR/current`` -> ``models/<sha256>`` switched by an
+   atomic rename, the old target kept as ``REMOTE_DIR/previous``
+   (``rollback()`` swaps them back); skipped with ``activate=False``;
+6. reference: with eval data, the same runner runs the model on the host with
    the host's LiteRT in a child process, and the device outputs are compared
    with the host's.
 """
@@ -17,10 +25,14 @@ The pipeline, one transport round trip per step:
 from __future__ import annotations
 
 import base64
+import getpass
 import hashlib
 import json
+import os
 import secrets
+import socket
 import sys
+import threading
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +42,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from edgeq import __version__
-from edgeq.errors import DataError, DeviceError, InputError, ModelError, RemoteCommandError, RunnerCrashed
+from edgeq.errors import (ConnectError, DataError, DeviceBusy, DeviceError, InputError, ModelError, RemoteCommandError,
+                          RunnerCrashed)
 from edgeq.progress import ProgressCallback, report
 from edgeq.transport import LocalTransport, Result, SSHOptions, Transport, make_transport
 
@@ -59,6 +72,9 @@ class DeployOptions:
     upload_timeout: float = 600.0
     run_timeout: float = 900.0
     reference: bool = True  # compare device outputs with the host's LiteRT
+    activate: bool = True  # make the model REMOTE_DIR/current after a successful run
+    lock_stale_s: float = 1800.0  # a device lock older than this is treated as left by a dead deploy
+    cleanup_timeout: float = 10.0  # unlock / temp-file removal after a failure
 
     def device_python(self) -> str:
         if self.python:
@@ -118,6 +134,7 @@ class DeployResult:
     duration_s: float
     warnings: tuple[str, ...] = ()
     edgeq_version: str = __version__
+    activation: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         lat = asdict(self.latency_ms)
@@ -140,6 +157,7 @@ class DeployResult:
             "eval": self.evaluation,
             "agreement": self.agreement,
             "transfer": dict(self.transfer),
+            "activation": dict(self.activation) if self.activation is not None else None,
             "warnings": list(self.warnings),
         }
 
@@ -259,6 +277,7 @@ def _upload(tr: Transport, items: list[tuple[str, Path, str, str]], python: str,
                     exc.message += f"; {disk_free} bytes were free under {remote_dir} before the upload"
                 raise
             done_before += local.stat().st_size
+        report(progress, "verify", "sha256 on the device", total, total, tr.host)
         argv = [python, "-", "install"]
         for tmp, final, sha in staged:
             argv += ["--item", tmp, final, sha]
@@ -267,9 +286,11 @@ def _upload(tr: Transport, items: list[tuple[str, Path, str, str]], python: str,
         if not doc.get("ok"):
             raise DeviceError(f"upload to {tr.host} failed verification: {doc.get('error')}",
                               hint="retry the deploy; if it repeats, check the device's storage", host=tr.host)
-    except BaseException:
-        for tmp, _final, _sha in staged:
-            tr.remove(tmp)
+    except BaseException as exc:
+        # Over a lost link removal would only wait; the next deploy sweeps temp files.
+        if not isinstance(exc, ConnectError):
+            for tmp, _final, _sha in staged:
+                tr.remove(tmp)
         raise
     return sent
 
@@ -343,13 +364,170 @@ def host_reference(model_path: Path, eval_path: Path, timeout: float = 600.0) ->
     return _run_result(res, "the host (reference)", model_path.name)
 
 
+_REFERENCES: dict[tuple[str, str], dict[str, Any]] = {}
+_REFERENCES_LOCK = threading.Lock()
+
+
+def _cached_reference(model: Path, model_sha: str, eval_path: Path, timeout: float) -> dict[str, Any]:
+    # A fleet deploys one model with one eval set to many hosts: compute the host reference once.
+    key = (model_sha, _sha256_file(eval_path))
+    with _REFERENCES_LOCK:
+        if key not in _REFERENCES:
+            _REFERENCES[key] = host_reference(model, eval_path, timeout)
+            while len(_REFERENCES) > 8:
+                _REFERENCES.pop(next(iter(_REFERENCES)))
+        return _REFERENCES[key]
+
+
+# ------------------------------------------------------------------ device lock
+
+# Tokens of the deploys running in this process; a lock left by this controller
+# whose token is not here (or whose process is gone) belongs to a dead deploy.
+_LIVE_TOKENS: set[str] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _controller_id() -> str:
+    """This machine and PID namespace (hostname + boot id + pid-namespace inode)."""
+    boot = ""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        pass
+    try:
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        ns = ""
+    return hashlib.sha256(f"{socket.gethostname()}|{boot}|{ns}".encode()).hexdigest()[:16]
+
+
+def _holder_gone(owner: dict[str, Any]) -> bool:
+    """True when the lock holder ran on this controller and is no longer running."""
+    if owner.get("controller_id") != _controller_id():
+        return False
+    pid = owner.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        with _LIVE_LOCK:
+            return owner.get("token") not in _LIVE_TOKENS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+@dataclass(frozen=True)
+class DeviceLock:
+    """A held device lock: its token, and a stale lock it replaced (if any)."""
+
+    token: str
+    remote_dir: str
+    broke_stale: Optional[dict[str, Any]]
+    swept: int
+
+
+def _busy_message(host: str, owner: dict[str, Any]) -> str:
+    who = owner.get("user") or "?"
+    where = owner.get("controller") or "?"
+    model = str(owner.get("model") or "?")[:12]
+    age = owner.get("age_s")
+    age_text = f"{age:.0f} s ago" if isinstance(age, (int, float)) else "at an unknown time"
+    return (f"{host} is busy: another deploy holds its lock (by {who} on {where}, pid {owner.get('pid', '?')}, "
+            f"model {model}, started {age_text})")
+
+
+def acquire_lock(tr: Transport, python: str, remote_dir: str, options: DeployOptions,
+                 model_sha: str = "") -> DeviceLock:
+    """Take ``REMOTE_DIR/lock`` on the device, or raise ``DeviceBusy`` naming the holder."""
+    token = secrets.token_hex(12)
+    owner = {"user": _safe_user(), "controller": socket.gethostname(), "controller_id": _controller_id(),
+             "pid": os.getpid(), "model": model_sha}
+    with _LIVE_LOCK:
+        _LIVE_TOKENS.add(token)
+    base = [python, "-", "lock", "--dir", remote_dir, "--token", token, "--owner", json.dumps(owner),
+            "--stale-after", repr(float(options.lock_stale_s))]
+    try:
+        doc = _runner_call(tr, python, base, options.probe_timeout, "taking the device lock")
+        if not doc.get("ok") and doc.get("kind") == "busy" and _holder_gone(doc.get("owner") or {}):
+            doc = _runner_call(tr, python, base + ["--break-token", str(doc["owner"].get("token"))],
+                               options.probe_timeout, "taking the device lock")
+        if not doc.get("ok"):
+            if doc.get("kind") == "busy":
+                raise DeviceBusy(_busy_message(tr.host, doc.get("owner") or {}),
+                                 hint="wait for it to finish and retry; a lock left by a killed deploy is broken "
+                                      f"automatically after {options.lock_stale_s:g} s", host=tr.host)
+            raise DeviceError(f"cannot lock {remote_dir} on {tr.host}: {doc.get('error')}",
+                              hint="check that --remote-dir is writable on the device", host=tr.host)
+    except BaseException:
+        _forget(token)
+        raise
+    return DeviceLock(token, doc.get("remote_dir", remote_dir), doc.get("broke_stale"), int(doc.get("swept", 0)))
+
+
+def release_lock(tr: Transport, python: str, lock: DeviceLock, timeout: float) -> bool:
+    """Best-effort unlock (bounded by ``timeout``); False if the device could not be told."""
+    try:
+        doc = _runner_call(tr, python, [python, "-", "unlock", "--dir", lock.remote_dir, "--token", lock.token],
+                           timeout, "releasing the device lock")
+        return bool(doc.get("ok"))
+    except DeviceError:
+        return False
+    finally:
+        _forget(lock.token)
+
+
+def _forget(token: str) -> None:
+    with _LIVE_LOCK:
+        _LIVE_TOKENS.discard(token)
+
+
+def _safe_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "?"
+
+
+def _runner_call(tr: Transport, python: str, argv: list[str], timeout: float, what: str) -> dict[str, Any]:
+    res = tr.run(argv, timeout, stdin=runner_source(), check=False)
+    err = _no_python(res, python, tr.host)
+    if err:
+        raise err
+    if res.signal:
+        raise RunnerCrashed(f"the runner on {tr.host} was killed by {res.signal} while {what}", host=tr.host)
+    return _parse_runner(res, tr.host, what)
+
+
+def _activate(tr: Transport, python: str, lock: DeviceLock, sha: str, timeout: float) -> dict[str, Any]:
+    doc = _runner_call(tr, python, [python, "-", "activate", "--dir", lock.remote_dir, "--sha", sha,
+                                    "--token", lock.token], timeout, "activating the model")
+    if not doc.get("ok"):
+        raise DeviceError(f"activating {sha[:12]} on {tr.host} failed: {doc.get('error')}; "
+                          "the previously active model is unchanged", host=tr.host)
+    return {"activated": True, "switched": doc["switched"], "active": doc["active"], "previous": doc["previous"],
+            "path": f"{lock.remote_dir}/current/model.tflite"}
+
+
+# ----------------------------------------------------------------------- deploy
+
+
 def deploy(model_path: str | Path, options: DeployOptions = DeployOptions(),
-           progress: Optional[ProgressCallback] = None) -> DeployResult:
-    """Push ``model_path`` to the device in ``options``, measure it there and return what was measured."""
+           progress: Optional[ProgressCallback] = None, transport: Optional[Transport] = None) -> DeployResult:
+    """Push ``model_path`` to the device in ``options``, measure it there and return what was measured.
+
+    With ``options.activate`` the model becomes ``REMOTE_DIR/current`` once it is
+    verified and ran on the device. ``transport`` lets a caller (the fleet) keep
+    a handle to cancel a hung host; by default one is made from ``options``.
+    """
     started = time.monotonic()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     model = Path(model_path)
-    transport = make_transport(options.host, options.ssh)  # validates the host before anything runs
+    if transport is None:
+        transport = make_transport(options.host, options.ssh)  # validates the host before anything runs
     _check_model(model)
     eval_path = Path(options.eval_data) if options.eval_data else None
     if eval_path:
@@ -375,28 +553,56 @@ def deploy(model_path: str | Path, options: DeployOptions = DeployOptions(),
             report(progress, "probe", f"probing {host}", host=host)
             facts = _probe(tr, python, options.remote_dir, list(rels.values()), options.probe_timeout)
             remote_dir = facts["remote_dir"]
-            missing = [(kind, local, rels[kind], sha) for kind, local, sha, _n in files
-                       if not facts.get("have", {}).get(rels[kind])]
-            disk = facts.get("disk") or {}
-            sent = _upload(tr, missing, python, remote_dir, options, progress, disk.get("free_bytes")) \
-                if missing else {}
-            upload_s = time.monotonic() - t0
-            report(progress, "measure", f"running {model.name} on {host}", host=host)
-            res = tr.run([python, f"{remote_dir}/{rels['runner']}",
-                          *_run_args(options, f"{remote_dir}/{rels['model']}",
-                                     f"{remote_dir}/{rels['eval']}" if eval_path else None)],
-                         options.run_timeout, check=False)
-            err = _no_python(res, python, host)
-            if err:
-                raise err
-            run_doc = _run_result(res, host, model.name)
+            report(progress, "lock", f"locking {remote_dir}", host=host)
+            lock = acquire_lock(tr, python, remote_dir, options, model_sha)
+            if lock.broke_stale:
+                owner = lock.broke_stale
+                warnings.append(f"broke a stale device lock ({owner.get('reason')}; held by "
+                                f"{owner.get('user', '?')} on {owner.get('controller', '?')}, pid "
+                                f"{owner.get('pid', '?')}, {owner.get('age_s', '?')} s old)")
+            link_lost = False
+            try:
+                missing = [(kind, local, rels[kind], sha) for kind, local, sha, _n in files
+                           if not facts.get("have", {}).get(rels[kind])]
+                disk = facts.get("disk") or {}
+                sent = _upload(tr, missing, python, remote_dir, options, progress, disk.get("free_bytes")) \
+                    if missing else {}
+                upload_s = time.monotonic() - t0
+                report(progress, "measure", f"running {model.name} on {host}", host=host)
+                res = tr.run([python, f"{remote_dir}/{rels['runner']}",
+                              *_run_args(options, f"{remote_dir}/{rels['model']}",
+                                         f"{remote_dir}/{rels['eval']}" if eval_path else None)],
+                             options.run_timeout, check=False)
+                err = _no_python(res, python, host)
+                if err:
+                    raise err
+                run_doc = _run_result(res, host, model.name)
+                before = facts.get("activation") or {}
+                if options.activate:
+                    report(progress, "activate", f"activating {model_sha[:12]} on {host}", host=host)
+                    activation = _activate(tr, python, lock, model_sha, options.probe_timeout)
+                else:
+                    activation = {"activated": False, "switched": False, "active": before.get("current"),
+                                  "previous": before.get("previous"),
+                                  "path": f"{remote_dir}/current/model.tflite"}
+            except ConnectError:
+                link_lost = True
+                raise
+            finally:
+                # Over a lost link the unlock would only wait for its timeout; the
+                # next deploy from here recognises the lock as left by a dead deploy.
+                if not link_lost:
+                    release_lock(tr, python, lock, options.cleanup_timeout)
+                else:
+                    _forget(lock.token)
+                    tr.close()
 
     device_eval = run_doc.get("eval")
     agreement = None
     if eval_path and options.reference and device_eval:
         report(progress, "reference", "host reference outputs (LiteRT)", host=host)
         try:
-            ref = host_reference(model, eval_path, options.run_timeout)
+            ref = _cached_reference(model, model_sha, eval_path, options.run_timeout)
             out_scale = (run_doc.get("outputs") or [{}])[0].get("quantization", [0.0, 0])[0]
             agreement = _agreement(device_eval, ref, out_scale)
         except DeviceError as exc:
@@ -407,7 +613,7 @@ def deploy(model_path: str | Path, options: DeployOptions = DeployOptions(),
     if device_eval:
         evaluation = {k: v for k, v in device_eval.items() if k != "outputs"}
         evaluation.update({"data": str(eval_path), "sha256": _sha256_file(eval_path)} if eval_path else {})
-    device = {k: v for k, v in facts.items() if k not in ("ok", "mode", "have", "runner_version")}
+    device = {k: v for k, v in facts.items() if k not in ("ok", "mode", "have", "runner_version", "activation")}
     runtime = dict(run_doc.get("runtime", {}))
     runtime["threads"] = options.threads
     settings = {"runs": options.runs, "warmup": options.warmup, "min_seconds": options.min_seconds,
@@ -432,13 +638,53 @@ def deploy(model_path: str | Path, options: DeployOptions = DeployOptions(),
         agreement=agreement,
         transfer={"model_bytes_sent": sent.get("model", 0), "eval_bytes_sent": sent.get("eval", 0),
                   "runner_bytes_sent": sent.get("runner", 0), "seconds": round(upload_s, 3),
-                  "uploaded": sorted(sent)},
+                  "uploaded": sorted(sent), "connect_attempts": getattr(transport, "connect_attempts", None),
+                  "stale_temp_files_removed": lock.swept},
         settings=settings,
         started_at=started_at,
         duration_s=time.monotonic() - started,
         warnings=tuple(warnings),
+        activation=activation,
     )
 
 
-__all__ = ["DEFAULT_REMOTE_DIR", "DeployOptions", "DeployResult", "LatencyStats", "SSHOptions", "deploy",
-           "host_reference", "runner_source"]
+@dataclass(frozen=True)
+class RollbackResult:
+    """The device's active and previous model after a rollback."""
+
+    host: str
+    remote_dir: str
+    active: Optional[str]
+    previous: Optional[str]
+    rolled_back_from: Optional[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def rollback(options: DeployOptions = DeployOptions(), progress: Optional[ProgressCallback] = None,
+             transport: Optional[Transport] = None) -> RollbackResult:
+    """Make ``REMOTE_DIR/previous`` the active model again (under the device lock)."""
+    if transport is None:
+        transport = make_transport(options.host, options.ssh)
+    python = options.device_python()
+    host = transport.host
+    report(progress, "connect", f"connecting to {host}", host=host)
+    with transport as tr:
+        report(progress, "lock", f"locking {options.remote_dir}", host=host)
+        lock = acquire_lock(tr, python, options.remote_dir, options)
+        try:
+            report(progress, "rollback", f"rolling back on {host}", host=host)
+            doc = _runner_call(tr, python, [python, "-", "rollback", "--dir", lock.remote_dir, "--token", lock.token],
+                               options.probe_timeout, "rolling back")
+            if not doc.get("ok"):
+                raise DeviceError(f"cannot roll back on {host}: {doc.get('error')}",
+                                  hint="deploy a model first; rollback needs a previous one", host=host)
+        finally:
+            release_lock(tr, python, lock, options.cleanup_timeout)
+    return RollbackResult(host, lock.remote_dir, doc.get("active"), doc.get("previous"),
+                          (doc.get("before") or {}).get("current"))
+
+
+__all__ = ["DEFAULT_REMOTE_DIR", "DeployOptions", "DeployResult", "DeviceLock", "LatencyStats", "RollbackResult",
+           "SSHOptions", "acquire_lock", "deploy", "host_reference", "release_lock", "rollback", "runner_source"]

@@ -82,6 +82,8 @@ def load_report(directory: str | Path) -> dict:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
+    if isinstance(doc, dict) and doc.get("status") in ("failed", "timeout"):
+        raise InputError(f"{path}: the deploy to {doc.get('name', '?')} {doc['status']}: {doc.get('error')}")
     if not isinstance(doc, dict) or "latency_ms" not in doc:
         raise InputError(f"{path} is not an edgeq deploy report (no latency_ms)")
     return doc
@@ -465,5 +467,110 @@ def compare(report_dirs: Sequence[str | Path]) -> Comparison:
     return Comparison(tuple(str(d) for d in report_dirs), tuple(labels), tuple(rows), docs)
 
 
+# ----------------------------------------------------------------------- fleets
+
+
+@dataclass(frozen=True)
+class FleetReportPaths:
+    """Where a fleet report was written: one directory per host plus the summary."""
+
+    directory: Path
+    summary_json: Path
+    summary_html: Path
+    hosts: tuple[Path, ...]
+
+
+def write_fleet_report(result: Any, out_dir: str | Path) -> FleetReportPaths:
+    """Write ``<host>/report.json`` (+ md/html) per host and ``summary.json`` + ``summary.html``.
+
+    ``result`` is an ``edgeq.fleet_deploy.FleetResult``; a failed host's
+    ``report.json`` holds its status and reason instead of measurements.
+    """
+    directory = Path(out_dir)
+    summary = result.to_dict()
+    host_dirs = []
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for host in result.hosts:
+            d = directory / host.name  # names were validated by plan_fleet
+            host_dirs.append(d)
+            if host.ok and hasattr(host.result, "latency_ms"):
+                doc = host.result.to_dict()
+                doc["name"] = host.name
+                doc["status"] = "ok"
+                write_report(doc, d)
+            else:
+                d.mkdir(parents=True, exist_ok=True)
+                doc = {"edgeq_version": summary["edgeq_version"], **host.summary(), "model": summary.get("model")}
+                _atomic_write(d / "report.json", json.dumps(doc, indent=2, default=str) + "\n")
+        paths = FleetReportPaths(directory, directory / "summary.json", directory / "summary.html", tuple(host_dirs))
+        _atomic_write(paths.summary_json, json.dumps(summary, indent=2, default=str) + "\n")
+        _atomic_write(paths.summary_html, render_fleet_html(summary))
+    except OSError as exc:
+        raise InputError(f"cannot write the fleet report to {directory}: {exc.strerror or exc}",
+                         hint="choose another directory with -o") from None
+    return paths
+
+
+def fleet_rows(summary: dict) -> list[list[str]]:
+    """One row per host: name, status, p50, p90, p99, accuracy, runtime, device, active model, reason."""
+    rows = []
+    for h in summary.get("hosts", []):
+        lat = h.get("latency_ms") or {}
+        rt = h.get("runtime") or {}
+        dev = h.get("device") or {}
+        act = h.get("activation") or {}
+        active = act.get("active") or h.get("active")
+        rows.append([
+            str(h.get("name")), str(h.get("status")),
+            _ms(lat.get("p50")) if lat else "-", _ms(lat.get("p90")) if lat else "-",
+            _ms(lat.get("p99")) if lat else "-", _pct(h.get("accuracy")),
+            f"{rt.get('name')} {rt.get('version')}" if rt else "-",
+            f"{dev.get('arch') or '-'} py{dev.get('python') or '?'}" if dev else "-",
+            str(active)[:12] if active else "-",
+            str(h.get("error") or "")[:160],
+        ])
+    return rows
+
+
+FLEET_HEADER = ["host", "status", "p50", "p90", "p99", "accuracy", "runtime", "device", "active", "reason"]
+
+
+def render_fleet_html(summary: dict) -> str:
+    """A self-contained page comparing the hosts of a fleet deploy."""
+    counts = summary.get("counts", {})
+    model = summary.get("model") or {}
+    rows = fleet_rows(summary)
+    table = _table(rows, FLEET_HEADER)
+    ok = [(h["name"], h.get("latency_ms") or {}) for h in summary.get("hosts", []) if h.get("latency_ms")]
+    svg = ""
+    if ok:
+        top = max((lat.get("p99") or 0) for _, lat in ok) or 1.0
+        width, pl = 640, 160
+        w = width - pl - 90
+        parts = []
+        y = 30
+        for name, lat in ok:
+            for k, color in (("p50", "#3b7dd8"), ("p90", "#7aa6e6"), ("p99", "#b8cff2")):
+                v = lat.get(k) or 0
+                parts.append(f'<text x="{pl - 8}" y="{y + 12}" font-size="11" text-anchor="end">'
+                             f'{html.escape(str(name)[:24])} {k}</text><rect x="{pl}" y="{y}" '
+                             f'width="{v / top * w:.1f}" height="14" fill="{color}"/><text '
+                             f'x="{pl + v / top * w + 4:.1f}" y="{y + 12}" font-size="11">{html.escape(_ms(v))}</text>')
+                y += 18
+            y += 8
+        svg = (f'<h2>Latency by host</h2><svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y + 10}" '
+               f'role="img" aria-label="latency by host">{"".join(parts)}</svg>')
+    head = (f"<h1>edgeq fleet {html.escape(str(summary.get('action', 'deploy')))}: "
+            f"{counts.get('ok', 0)} of {counts.get('hosts', 0)} hosts ok</h1>"
+            f"<p>model {html.escape(str(model.get('name', '-')))} sha256 "
+            f"{html.escape(str(model.get('sha256', '-'))[:16])}, {html.escape(_bytes(model.get('bytes')))}; "
+            f"{counts.get('failed', 0)} failed, {counts.get('timeout', 0)} timed out; "
+            f"{summary.get('seconds', 0):.1f} s with {summary.get('forks')} forks; "
+            f"started {html.escape(str(summary.get('started_at', '')))}</p>")
+    return _page("edgeq fleet summary", head + table + svg)
+
+
 __all__ = ["ReportPaths", "Comparison", "write_report", "load_report", "compare", "render_html",
-           "render_markdown", "summary_lines", "device_facts", "default_report_dir"]
+           "render_markdown", "summary_lines", "device_facts", "default_report_dir", "FleetReportPaths",
+           "write_fleet_report", "render_fleet_html", "fleet_rows", "FLEET_HEADER"]

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -93,6 +93,10 @@ class Transport(ABC):
     def close(self) -> None:
         """Release the connection."""
 
+    def cancel(self) -> None:
+        """Abandon the device from another thread (a hung host): close, and never reconnect."""
+        self.close()
+
     def __enter__(self) -> "Transport":
         return self
 
@@ -160,7 +164,7 @@ class LocalTransport(Transport):
                     if progress:
                         progress(sent, total)
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"upload took longer than {timeout:g} s")
+                        raise TimeoutError(f"upload took longer than {timeout:.1f} s")
                 dst.flush()
                 os.fsync(dst.fileno())
         except OSError as exc:
@@ -195,6 +199,12 @@ class SSHOptions:
     keepalive_s: int = 10
     # How long unacknowledged data may sit before the kernel drops the link.
     link_timeout_s: float = 30.0
+    # Transient failures while connecting (refused, reset) are retried this many
+    # times with exponential backoff; timeouts, auth and host-key errors never are.
+    connect_retries: int = 2
+    retry_backoff_s: float = 0.5
+    # Decrypts an encrypted --identity; never shown in repr, messages or reports.
+    passphrase: Optional[str] = field(default=None, repr=False, compare=False)
 
 
 def parse_host(spec: str) -> tuple[Optional[str], str, Optional[int]]:
@@ -276,19 +286,47 @@ class SSHTransport(Transport):
         self.host = f"{self.user}@{alias}" + (f":{self.port}" if self.port != 22 else "")
         self._client = None
         self._sftp_client = None
+        self._cancelled = False
+        #: How many connection attempts the last connect() took (retries included).
+        self.connect_attempts = 0
 
     # -- connection
 
     def connect(self) -> "SSHTransport":
-        """Open the connection: TCP, banner, host key check, authentication; each under connect_timeout."""
+        """Open the connection: TCP, banner, host key check, authentication; each under connect_timeout.
+
+        Refused or reset connections are retried ``connect_retries`` times with
+        exponential backoff (0.5 s, 1 s, ...); timeouts, authentication and
+        host-key failures are not retried.
+        """
+        attempts = 1 + max(0, self.options.connect_retries)
+        self.connect_attempts = 0
+        for i in range(attempts):
+            self.connect_attempts += 1
+            try:
+                return self._connect_once()
+            except ConnectError as exc:
+                if not getattr(exc, "transient", False) or i == attempts - 1 or self._cancelled:
+                    if getattr(exc, "transient", False) and i:
+                        exc.message += f" (after {i + 1} attempts)"
+                    raise
+            time.sleep(self.options.retry_backoff_s * (2 ** i))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connect_once(self) -> "SSHTransport":
         paramiko = self._paramiko
         opts = self.options
         t = opts.connect_timeout
+        if self._cancelled:
+            raise ConnectError(f"the deploy to {self.host} was cancelled", host=self.host)
         try:
             sock = socket.create_connection((self.hostname, self.port), timeout=t)
         except ConnectionRefusedError:
-            raise ConnectError(f"connection refused by {self.hostname}:{self.port}",
-                               hint="is sshd running on the device, and is the port right?", host=self.host) from None
+            raise _transient(ConnectError(f"connection refused by {self.hostname}:{self.port}",
+                             hint="is sshd running on the device, and is the port right?", host=self.host)) from None
+        except (ConnectionResetError, ConnectionAbortedError) as exc:
+            raise _transient(ConnectError(f"connection to {self.hostname}:{self.port} reset: {exc.strerror or exc}",
+                             hint="check the network path to the device", host=self.host)) from None
         except socket.gaierror as exc:
             raise ConnectError(f"cannot resolve {self.hostname}: {exc.strerror}",
                                hint="check the host name or ~/.ssh/config", host=self.host) from None
@@ -316,7 +354,7 @@ class SSHTransport(Transport):
                 self.hostname, port=self.port, username=self.user, sock=sock,
                 key_filename=self.identities or None, look_for_keys=not self.identities,
                 allow_agent=opts.allow_agent, timeout=t, banner_timeout=t, auth_timeout=t,
-                channel_timeout=t, passphrase=None,
+                channel_timeout=t, passphrase=opts.passphrase,
             )
         except HostKeyError:
             client.close()
@@ -333,13 +371,20 @@ class SSHTransport(Transport):
         except paramiko.PasswordRequiredException:
             client.close()
             raise AuthError(f"authentication to {self.host} failed: the private key is encrypted",
-                            hint="add it to ssh-agent (ssh-add KEY) and retry", host=self.host) from None
+                            hint="add it to ssh-agent (ssh-add KEY), or give its passphrase in the "
+                                 "EDGEQ_SSH_PASSPHRASE environment variable", host=self.host) from None
         except paramiko.AuthenticationException:
             client.close()
             raise AuthError(f"authentication to {self.host} failed (no accepted key)",
                             hint="pass the right key with --identity, load it into ssh-agent, or add your public "
                                  "key to ~/.ssh/authorized_keys on the device", host=self.host) from None
-        except (socket.timeout, TimeoutError, EOFError) as exc:
+        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, EOFError) as exc:
+            client.close()
+            raise _transient(ConnectError(
+                f"{self.hostname}:{self.port} closed the connection during the SSH handshake "
+                f"({type(exc).__name__})", hint="check the network path and sshd on the device",
+                host=self.host)) from None
+        except (socket.timeout, TimeoutError) as exc:
             client.close()
             raise ConnectError(f"timed out after {t:g} s waiting for SSH on {self.hostname}:{self.port} ({exc or 'no answer'})",
                                hint="is this an SSH server? raise --connect-timeout for slow links",
@@ -347,12 +392,27 @@ class SSHTransport(Transport):
         except paramiko.SSHException as exc:
             client.close()
             text = str(exc)
+            if self.identities and any(m in text.lower() for m in ("passphrase", "decrypt", "encrypted", "private key",
+                                                               "invalid key")):
+                raise AuthError(f"cannot use the private key for {self.host}: wrong passphrase or unreadable key",
+                                hint="check the passphrase in EDGEQ_SSH_PASSPHRASE, or load the key into ssh-agent",
+                                host=self.host) from None
+            if "reset" in text.lower() or "eof" in text.lower():
+                raise _transient(ConnectError(
+                    f"{self.hostname}:{self.port} reset the connection during the SSH handshake",
+                    hint="check the network path and sshd on the device", host=self.host)) from None
             if any(m in text.lower() for m in ("banner", "no existing session", "timed out", "negotiation")):
                 raise ConnectError(f"no SSH answer (banner, key exchange) from {self.hostname}:{self.port} within {t:g} s",
                                    hint="is sshd (not another service) listening on that port?",
                                    host=self.host) from None
             raise ConnectError(f"SSH negotiation with {self.hostname}:{self.port} failed: {text}",
                                host=self.host) from None
+        except (ValueError, TypeError):
+            # cryptography raises these for a wrong passphrase; its text is not shown on purpose.
+            client.close()
+            raise AuthError(f"cannot use the private key for {self.host}: wrong passphrase or unreadable key",
+                            hint="check the passphrase in EDGEQ_SSH_PASSPHRASE, or load the key into ssh-agent",
+                            host=self.host) from None
         except OSError as exc:
             client.close()
             raise ConnectError(f"connection to {self.hostname}:{self.port} lost: {exc.strerror or exc}",
@@ -368,6 +428,10 @@ class SSHTransport(Transport):
             self.connect()
         return self
 
+    def cancel(self) -> None:
+        self._cancelled = True
+        self.close()
+
     def close(self) -> None:
         if self._sftp_client is not None:
             try:
@@ -375,14 +439,18 @@ class SSHTransport(Transport):
             except Exception:
                 pass
             self._sftp_client = None
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def _transport(self):
+        if self._cancelled:
+            raise ConnectError(f"the deploy to {self.host} was cancelled (no answer within its deadline)",
+                               host=self.host)
         if self._client is None:
             self.connect()
-        tr = self._client.get_transport()  # type: ignore[union-attr]
+        client = self._client
+        tr = client.get_transport() if client is not None else None  # type: ignore[union-attr]
         if tr is None or not tr.is_active():
             raise ConnectError(f"the SSH connection to {self.host} was lost", hint="retry the deploy", host=self.host)
         return tr
@@ -422,10 +490,17 @@ class SSHTransport(Transport):
                         hint="raise the timeout or check the device (load, a hung runtime)", host=self.host,
                         command=command, exit_status=None, output_tail=_decode(bytes(err))[-2000:])
                 select.select([chan], [], [], 0.1)
-            if not chan.exit_status_ready() and not self._alive():
-                raise ConnectError(f"the SSH connection to {self.host} was lost during: {command}",
-                                   hint="check the link to the device and retry", host=self.host)
+            # paramiko reports a closed channel as "exit status ready" with status -1.
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+            if status == -1:
+                # No exit status: a dead link, or a shell killed by a signal. Give
+                # paramiko a moment to notice which.
+                wait_until = time.monotonic() + 1.0
+                while self._alive() and time.monotonic() < wait_until:
+                    time.sleep(0.05)
+                if not self._alive():
+                    raise ConnectError(f"the SSH connection to {self.host} was lost during: {command}",
+                                       hint="check the link to the device and retry", host=self.host)
             chan.close()
         except (RemoteCommandError, ConnectError):
             raise
@@ -465,27 +540,37 @@ class SSHTransport(Transport):
                 with sftp.open(remote, "wb") as dst:
                     dst.set_pipelined(True)
                     while chunk := src.read(_CHUNK):
+                        # A silent link blocks a write until the channel timeout: keep that
+                        # inside the phase deadline, not a full timeout per write.
+                        sftp.get_channel().settimeout(max(0.1, deadline - time.monotonic()))
                         dst.write(chunk)
                         sent += len(chunk)
                         if progress:
                             progress(sent, total)
                         if time.monotonic() > deadline:
-                            raise TimeoutError(f"upload took longer than {timeout:g} s")
+                            raise TimeoutError(f"upload took longer than {timeout:.1f} s")
+                    sftp.get_channel().settimeout(max(0.1, deadline - time.monotonic()))
                     dst.flush()
+            # paramiko's close() swallows a timeout: check the deadline ourselves.
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"upload took longer than {timeout:.1f} s")
+            sftp.get_channel().settimeout(max(0.1, deadline - time.monotonic()))
             # Pipelined SFTP writes drop error replies (ENOSPC among them); the size tells.
             landed = sftp.stat(remote).st_size
             if landed != total:
                 raise OSError(errno.ENOSPC, f"the device stored only {landed} of {total} bytes")
         except (OSError, EOFError, self._paramiko.SSHException) as exc:
-            self.remove(remote)
             if isinstance(exc, (socket.timeout, TimeoutError, EOFError)) or not self._alive():
-                raise ConnectError(f"upload of {remote} to {self.host} did not finish: {exc or type(exc).__name__}",
+                # Over a silent or cut link a removal would only wait; the next deploy sweeps temp files.
+                raise ConnectError(f"upload of {remote} to {self.host} did not finish: {str(exc) or type(exc).__name__}",
                                    hint="check the link to the device and retry", host=self.host) from None
+            self.remove(remote)
             raise _write_error(self.host, remote, exc) from None
         return sent
 
     def _alive(self) -> bool:
-        tr = self._client.get_transport() if self._client else None
+        client = self._client
+        tr = client.get_transport() if client else None
         return bool(tr and tr.is_active())
 
     def remove(self, remote: str) -> None:
@@ -495,6 +580,12 @@ class SSHTransport(Transport):
             self._sftp().remove(remote)
         except Exception:
             pass
+
+
+def _transient(exc: ConnectError) -> ConnectError:
+    """Mark a connect failure as worth retrying (refused, reset)."""
+    exc.transient = True  # type: ignore[attr-defined]
+    return exc
 
 
 def _local_user() -> str:

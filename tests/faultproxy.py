@@ -8,6 +8,11 @@ have gone upstream (client -> server) it applies a fault:
   so the client sees a silent link (no FIN, no RST) and must time out;
 - ``"blackhole"`` (limit ignored): accepts connections and never answers.
 
+``fail_first=N`` resets the first N connections right after accepting them
+(a transient failure during connect); ``cut_now()`` resets every open
+connection at once (a link that drops mid-command); ``connections`` counts
+accepted connections.
+
 Only loopback addresses are used.
 """
 
@@ -23,13 +28,17 @@ from typing import Optional
 class FaultProxy:
     """Forward 127.0.0.1:<port> to 127.0.0.1:<upstream_port>, with one fault armed."""
 
-    def __init__(self, upstream_port: int, mode: str = "pass", limit: Optional[int] = None) -> None:
+    def __init__(self, upstream_port: int, mode: str = "pass", limit: Optional[int] = None,
+                 fail_first: int = 0) -> None:
         if mode not in ("pass", "cut", "stall", "blackhole"):
             raise ValueError(f"unknown fault mode {mode!r}")
         self.upstream_port = upstream_port
         self.mode = mode
         self.limit = limit
         self.bytes_up = 0
+        self.fail_first = fail_first
+        self.connections = 0
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self.tripped = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -56,6 +65,14 @@ class FaultProxy:
             self.bytes_up = 0
             self.tripped.clear()
 
+    def cut_now(self) -> None:
+        """Reset every connection open now (new ones still pass, per the armed mode)."""
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for a, b in pairs:
+            self._close(a, b, reset=True)
+        self.tripped.set()
+
     def close(self) -> None:
         self._stop.set()
         try:
@@ -79,6 +96,10 @@ class FaultProxy:
             except OSError:
                 return
             self._held.append(client)
+            self.connections += 1
+            if self.connections <= self.fail_first:
+                self._close(client, client, reset=True)
+                continue
             if self.mode == "blackhole":
                 self.tripped.set()
                 continue
@@ -92,6 +113,8 @@ class FaultProxy:
             return
         upstream.settimeout(None)
         self._held.append(upstream)
+        with self._lock:
+            self._pairs.append((client, upstream))
         stalled = False
         try:
             while not self._stop.is_set():

@@ -11,11 +11,91 @@ from edgeq.cli import main
 from edgeq.cli._common import clear_progress, echo_json, progress_printer
 
 
+_PASSPHRASE_ENV = "EDGEQ_SSH_PASSPHRASE"
+
+
+def _ssh_options(identity: Optional[str], known_hosts: Optional[str], accept_new_host_key: bool,
+                 connect_timeout: float):
+    import os
+
+    from edgeq.transport import SSHOptions
+
+    # Read from the environment, never from argv (visible in `ps`); never echoed.
+    return SSHOptions(identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
+                      connect_timeout=connect_timeout, passphrase=os.environ.get(_PASSPHRASE_ENV) or None)
+
+
+class FleetView:
+    """A live per-host view: one line per host, redrawn in place on a terminal.
+
+    Off a terminal it prints one line per host as each finishes.
+    """
+
+    def __init__(self, names: list[str], enabled: bool) -> None:
+        import sys
+        import threading
+
+        self.names = names
+        self.live = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self.state = {n: "waiting" for n in names}
+        self.width = max((len(n) for n in names), default=4)
+        self.lock = threading.Lock()
+        self.drawn = False
+
+    def __call__(self, ev) -> None:
+        if ev.host not in self.state:
+            return
+        count = f" {100 * ev.done // ev.total}%" if ev.done is not None and ev.total else ""
+        line = f"{ev.stage}{count} {ev.message}".strip()
+        with self.lock:
+            self.state[ev.host] = line
+            if self.live:
+                self._draw()
+            elif self.enabled and ev.stage in ("done", "failed", "timeout"):
+                click.echo(f"{ev.host.ljust(self.width)}  {line}"[:200], err=True)
+
+    def _draw(self) -> None:
+        import shutil
+
+        cols = shutil.get_terminal_size((100, 20)).columns
+        out = []
+        if self.drawn:
+            out.append(f"\x1b[{len(self.names)}F")
+        for n in self.names:
+            out.append("\x1b[2K" + f"{n.ljust(self.width)}  {self.state[n]}"[: cols - 1] + "\n")
+        click.echo("".join(out), err=True, nl=False)
+        self.drawn = True
+
+
+def _fleet_table(summary: dict) -> str:
+    from edgeq.report import FLEET_HEADER, fleet_rows
+
+    rows = [FLEET_HEADER] + fleet_rows(summary)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(FLEET_HEADER) - 1)]
+    lines = ["  ".join([c.ljust(widths[i]) for i, c in enumerate(r[:-1])] + [r[-1]]).rstrip() for r in rows]
+    lines.insert(1, "-" * min(120, len(lines[0])))
+    return "\n".join(lines)
+
+
+def _inventory_hosts(inventory: Path, limit: Optional[str]):
+    from edgeq.inventory import load_inventory
+
+    return load_inventory(inventory).select(limit)
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--host", metavar="[USER@]HOST[:PORT]",
               help="Device to deploy to over SSH (names from ~/.ssh/config work). Default: this machine (`local`).")
-@click.option("--identity", type=click.Path(dir_okay=False), help="Private key file (default: ssh-agent, ~/.ssh/config).")
+@click.option("-i", "--inventory", type=click.Path(dir_okay=False, path_type=Path),
+              help="Ansible inventory (INI or YAML): deploy to all its hosts in parallel.")
+@click.option("--limit", metavar="PATTERN", help="With --inventory: only hosts matching this Ansible pattern.")
+@click.option("--forks", default=5, show_default=True, type=click.IntRange(1, 256),
+              help="With --inventory: hosts deployed at once.")
+@click.option("--identity", type=click.Path(dir_okay=False),
+              help="Private key file (default: ssh-agent, ~/.ssh/config). An encrypted key's passphrase is read "
+                   "from EDGEQ_SSH_PASSPHRASE.")
 @click.option("--known-hosts", type=click.Path(dir_okay=False), help="known_hosts file (default ~/.ssh/known_hosts).")
 @click.option("--accept-new-host-key", is_flag=True,
               help="Record an unknown host key (like OpenSSH accept-new); a changed key is always refused.")
@@ -28,27 +108,63 @@ from edgeq.cli._common import clear_progress, echo_json, progress_printer
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Warm-up runs before timing.")
 @click.option("--threads", type=click.IntRange(1), help="Interpreter threads (default: the runtime's choice).")
 @click.option("--no-xnnpack", is_flag=True, help="Disable the XNNPACK delegate (reference kernels).")
+@click.option("--no-activate", is_flag=True,
+              help="Measure only: leave REMOTE_DIR/current pointing at the model that was active.")
 @click.option("--connect-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds for each of connect, SSH banner and authentication.")
+@click.option("--host-timeout", type=click.FloatRange(1.0),
+              help="With --inventory: seconds after which a host that has not finished is abandoned "
+                   "(default: the sum of the phase deadlines).")
 @click.option("-o", "--output", "report_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Report directory (default reports/<time>-<host>-<model>/).")
-@click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout instead of the summary.")
-def deploy(model: Path, host: Optional[str], identity: Optional[str], known_hosts: Optional[str],
-           accept_new_host_key: bool, python: Optional[str], remote_dir: str, eval_data: Optional[str], runs: int,
-           warmup: int, threads: Optional[int], no_xnnpack: bool, connect_timeout: float,
-           report_dir: Optional[Path], as_json: bool) -> None:
-    """Push MODEL.tflite to a device, measure latency and accuracy there, and write a report."""
-    from edgeq.deploy import DeployOptions, deploy as run_deploy
-    from edgeq.report import summary_lines, write_report
-    from edgeq.transport import SSHOptions
+              help="Report directory (default reports/<time>-<host>-<model>/, or reports/<time>-fleet-<model>/).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json (summary.json with --inventory) on stdout.")
+@click.pass_context
+def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Optional[Path], limit: Optional[str],
+           forks: int, identity: Optional[str], known_hosts: Optional[str], accept_new_host_key: bool,
+           python: Optional[str], remote_dir: str, eval_data: Optional[str], runs: int, warmup: int,
+           threads: Optional[int], no_xnnpack: bool, no_activate: bool, connect_timeout: float,
+           host_timeout: Optional[float], report_dir: Optional[Path], as_json: bool) -> None:
+    """Push MODEL.tflite to a device (or a fleet), measure latency and accuracy there, and write a report.
 
+    The model becomes the device's active one (REMOTE_DIR/current) only after it
+    was verified and ran there; `edgeq rollback` switches back.
+    """
+    from edgeq.deploy import DeployOptions, deploy as run_deploy
+    from edgeq.errors import ExitCode, UsageError
+    from edgeq.report import summary_lines, write_report
+
+    if inventory and host:
+        raise UsageError("--host and --inventory do not go together", hint="put the host in the inventory")
+    if not inventory and (limit or forks != 5 or host_timeout):
+        raise UsageError("--limit, --forks and --host-timeout need --inventory")
     options = DeployOptions(
         host=host, python=python, remote_dir=remote_dir, eval_data=eval_data, runs=runs, warmup=warmup,
-        threads=threads, xnnpack=not no_xnnpack,
-        ssh=SSHOptions(identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
-                       connect_timeout=connect_timeout),
+        threads=threads, xnnpack=not no_xnnpack, activate=not no_activate,
+        ssh=_ssh_options(identity, known_hosts, accept_new_host_key, connect_timeout),
     )
     show = not as_json
+    if inventory:
+        import time
+
+        from edgeq.fleet_deploy import FleetOptions, deploy_fleet
+        from edgeq.report import write_fleet_report
+
+        hosts = _inventory_hosts(inventory, limit)
+        view = FleetView([h.name for h in hosts], show)
+        result = deploy_fleet(model, hosts, FleetOptions(options, forks, host_timeout), view)
+        out = report_dir or Path("reports") / f"{time.strftime('%Y%m%d-%H%M%S')}-fleet-{model.stem[:40]}"
+        paths = write_fleet_report(result, out)
+        summary = result.to_dict()
+        if as_json:
+            echo_json(summary)
+        else:
+            click.echo(_fleet_table(summary))
+            c = summary["counts"]
+            click.echo(f"{c['ok']} of {c['hosts']} hosts ok ({c['failed']} failed, {c['timeout']} timed out) "
+                       f"in {result.seconds:.1f} s; summary: {paths.summary_html}")
+        if not result.ok:
+            ctx.exit(int(ExitCode.DEVICE))
+        return
     result = run_deploy(model, options, progress_printer(show))
     paths = write_report(result, report_dir)
     clear_progress(show)
@@ -57,7 +173,58 @@ def deploy(model: Path, host: Optional[str], identity: Optional[str], known_host
         return
     for line in summary_lines(result):
         click.echo(line)
+    act = result.activation or {}
+    if act.get("activated"):
+        click.echo(f"active model: {act['active'][:12]} ({'switched' if act.get('switched') else 'already active'}; "
+                   f"previous {str(act.get('previous') or '-')[:12]})")
     click.echo(f"report: {paths.html} (also report.json, report.md in {paths.directory})")
+
+
+@main.command()
+@click.option("--host", metavar="[USER@]HOST[:PORT]", help="Device to roll back (default: this machine).")
+@click.option("-i", "--inventory", type=click.Path(dir_okay=False, path_type=Path),
+              help="Ansible inventory: roll back all its hosts.")
+@click.option("--limit", metavar="PATTERN", help="With --inventory: only hosts matching this pattern.")
+@click.option("--forks", default=5, show_default=True, type=click.IntRange(1, 256), help="Hosts at once.")
+@click.option("--identity", type=click.Path(dir_okay=False), help="Private key file.")
+@click.option("--known-hosts", type=click.Path(dir_okay=False), help="known_hosts file (default ~/.ssh/known_hosts).")
+@click.option("--python", "python", metavar="PATH", help="Python on the device (default python3).")
+@click.option("--remote-dir", default="~/.edgeq", show_default=True, help="Directory on the device.")
+@click.option("--connect-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds for each of connect, SSH banner and authentication.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def rollback(ctx: click.Context, host: Optional[str], inventory: Optional[Path], limit: Optional[str], forks: int,
+             identity: Optional[str], known_hosts: Optional[str], python: Optional[str], remote_dir: str,
+             connect_timeout: float, as_json: bool) -> None:
+    """Make the previously active model (REMOTE_DIR/previous) the active one again."""
+    from edgeq.deploy import DeployOptions, rollback as run_rollback
+    from edgeq.errors import ExitCode, UsageError
+
+    if inventory and host:
+        raise UsageError("--host and --inventory do not go together")
+    options = DeployOptions(host=host, python=python, remote_dir=remote_dir,
+                            ssh=_ssh_options(identity, known_hosts, False, connect_timeout))
+    if inventory:
+        from edgeq.fleet_deploy import FleetOptions, rollback_fleet
+
+        hosts = _inventory_hosts(inventory, limit)
+        result = rollback_fleet(hosts, FleetOptions(options, forks), FleetView([h.name for h in hosts], not as_json))
+        summary = result.to_dict()
+        if as_json:
+            echo_json(summary)
+        else:
+            for h in summary["hosts"]:
+                what = f"active {str(h.get('active'))[:12]}" if h["status"] == "ok" else h.get("error")
+                click.echo(f"{h['name']}: {h['status']}: {what}")
+        if not result.ok:
+            ctx.exit(int(ExitCode.DEVICE))
+        return
+    res = run_rollback(options)
+    if as_json:
+        echo_json(res.to_dict())
+    else:
+        click.echo(f"{res.host}: active model is now {str(res.active)[:12]} (was {str(res.rolled_back_from)[:12]})")
 
 
 @main.command("report")

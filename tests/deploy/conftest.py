@@ -2,51 +2,17 @@
 
 from __future__ import annotations
 
-import getpass
 import os
 import shutil
-import socket
 import subprocess
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from edgeq.transport import SSHOptions
+from tests.deploy.sshd_helper import SSHD, Sshd, SshdProcess, free_port, keygen  # noqa: F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parents[2]
-SSHD = Path("/usr/sbin/sshd")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def keygen(path: Path, kind: str = "ed25519") -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "edgeq-test", "-f", str(path)], check=True)
-    return path
-
-
-@dataclass(frozen=True)
-class Sshd:
-    """A running sshd: where it listens and the keys that go with it."""
-
-    port: int
-    user: str
-    host_key_pub: str  # "ssh-ed25519 AAAA..."
-    client_key: Path
-    wrong_key: Path
-    log: Path
-
-    @property
-    def spec(self) -> str:
-        return f"{self.user}@127.0.0.1:{self.port}"
-
-    def known_hosts_line(self) -> str:
-        return f"[127.0.0.1]:{self.port} {self.host_key_pub}\n"
 
 
 @pytest.fixture(scope="session")
@@ -64,46 +30,12 @@ def sshd(tmp_path_factory) -> Sshd:
     if not SSHD.exists():
         pytest.fail("/usr/sbin/sshd is missing; run `make sysdeps` (scripts/system-deps.sh)")
     d = tmp_path_factory.mktemp("sshd")
-    host_key = keygen(d / "ssh_host_ed25519_key")
-    client = keygen(d / "client_key")
-    wrong = keygen(d / "wrong_key")
-    (d / "authorized_keys").write_text(Path(f"{client}.pub").read_text())
-    port = free_port()
-    cfg = d / "sshd_config"
-    cfg.write_text(f"""Port {port}
-ListenAddress 127.0.0.1
-HostKey {host_key}
-PidFile {d / 'sshd.pid'}
-AuthorizedKeysFile {d / 'authorized_keys'}
-StrictModes no
-UsePAM no
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-Subsystem sftp internal-sftp
-LogLevel VERBOSE
-""")
-    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation directory
-    log = d / "sshd.log"
-    proc = subprocess.Popen([str(SSHD), "-D", "-f", str(cfg), "-E", str(log)])
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"sshd did not start: {log.read_text() if log.exists() else ''}")
-            time.sleep(0.05)
-    pub = Path(f"{host_key}.pub").read_text().split()
-    yield Sshd(port, getpass.getuser(), f"{pub[0]} {pub[1]}", client, wrong, log)
-    proc.terminate()
     try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        server = SshdProcess(d, keygen(d / "client_key"), keygen(d / "wrong_key"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield server.info
+    server.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,306 @@
+"""Deploy one model to many devices from an Ansible inventory.
+
+Each inventory host becomes a ``DeployOptions`` (inventory variables override
+the command-line defaults), every value is validated before anything runs, and
+the hosts are deployed in parallel with ``edgeq.fleet.run_fleet``: at most
+``forks`` at once, each within its own deadline; a host that overruns it has
+its transport cancelled (closed) and is reported as ``timeout``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from edgeq import __version__
+from edgeq.deploy import DeployOptions, DeployResult, RollbackResult, _check_model, _sha256_file, deploy, rollback
+from edgeq.errors import InputError, UsageError
+from edgeq.fleet import run_fleet
+from edgeq.inventory import InventoryHost
+from edgeq.progress import ProgressCallback, ProgressEvent, report
+from edgeq.transport import Transport, make_transport, parse_host
+
+# An inventory name becomes a report directory name: no separators, no dot-files.
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    """Defaults for every host (``deploy``), parallelism and the per-host deadline in seconds."""
+
+    deploy: DeployOptions = field(default_factory=DeployOptions)
+    forks: int = 5
+    host_deadline_s: Optional[float] = None  # default: the sum of the phase deadlines plus slack
+
+    def host_deadline(self) -> float:
+        if self.host_deadline_s is not None:
+            return self.host_deadline_s
+        d = self.deploy
+        connect = d.ssh.connect_timeout * 3 * (1 + max(0, d.ssh.connect_retries))
+        backoff = sum(d.ssh.retry_backoff_s * 2 ** i for i in range(max(0, d.ssh.connect_retries)))
+        # probe, lock, activate and unlock use probe_timeout / cleanup_timeout.
+        return connect + backoff + 3 * d.probe_timeout + d.upload_timeout + d.run_timeout + d.cleanup_timeout + 30
+
+
+@dataclass(frozen=True)
+class FleetTarget:
+    """One inventory host resolved into the options its deploy runs with."""
+
+    name: str
+    options: DeployOptions
+
+    @property
+    def target(self) -> str:
+        return self.options.host or "local"
+
+
+@dataclass(frozen=True)
+class FleetHost:
+    """One host's outcome: ``status`` is ``ok``, ``failed`` or ``timeout``; ``result`` when ok."""
+
+    name: str
+    target: str
+    status: str
+    error: Optional[str]
+    error_type: Optional[str]
+    seconds: float
+    result: Any = None  # DeployResult for deploys, RollbackResult for rollbacks
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def summary(self) -> dict[str, Any]:
+        """The host's row in ``summary.json``."""
+        row: dict[str, Any] = {"name": self.name, "target": self.target, "status": self.status,
+                               "error": self.error, "error_type": self.error_type, "seconds": round(self.seconds, 3)}
+        res = self.result
+        if isinstance(res, DeployResult):
+            lat = res.latency_ms
+            dev = res.device
+            row.update({
+                "latency_ms": {"p50": lat.p50, "p90": lat.p90, "p99": lat.p99, "mean": lat.mean, "min": lat.min,
+                               "count": lat.count},
+                "load_ms": res.load_ms,
+                "first_inference_ms": res.first_inference_ms,
+                "peak_rss_bytes": res.peak_rss_bytes,
+                "accuracy": res.accuracy,
+                "mae": res.mae,
+                "agreement_top1": (res.agreement or {}).get("top1"),
+                "runtime": {"name": res.runtime.get("name"), "version": res.runtime.get("version"),
+                            "threads": res.runtime.get("threads"), "xnnpack": res.runtime.get("xnnpack")},
+                "device": {k: dev.get(k) for k in ("hostname", "arch", "os", "cpu_model", "board", "cpu_cores",
+                                                   "mem_total_bytes", "python", "numpy", "cpu_governor",
+                                                   "vcgencmd_temp")},
+                "activation": res.activation,
+                "transfer": res.transfer,
+                "warnings": list(res.warnings),
+                "report": f"{self.name}/report.json",
+            })
+        elif isinstance(res, RollbackResult):
+            row.update(res.to_dict())
+        return row
+
+
+@dataclass(frozen=True)
+class FleetResult:
+    """Every host's outcome in inventory order; ``to_dict()`` is ``summary.json``."""
+
+    action: str  # "deploy" or "rollback"
+    model: Optional[dict[str, Any]]
+    hosts: tuple[FleetHost, ...]
+    seconds: float
+    forks: int
+    started_at: str
+    edgeq_version: str = __version__
+
+    @property
+    def ok(self) -> bool:
+        return all(h.ok for h in self.hosts)
+
+    @property
+    def failed(self) -> tuple[FleetHost, ...]:
+        return tuple(h for h in self.hosts if not h.ok)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = {s: sum(1 for h in self.hosts if h.status == s) for s in ("ok", "failed", "timeout")}
+        return {"edgeq_version": self.edgeq_version, "action": self.action, "started_at": self.started_at,
+                "seconds": round(self.seconds, 3), "forks": self.forks, "model": self.model,
+                "counts": {"hosts": len(self.hosts), **counts}, "hosts": [h.summary() for h in self.hosts]}
+
+
+def _bad_text(value: str) -> bool:
+    return not value or bool(_CONTROL.search(value)) or value.startswith("-")
+
+
+def plan_fleet(hosts: Sequence[InventoryHost], base: DeployOptions) -> tuple[FleetTarget, ...]:
+    """Resolve inventory hosts into per-host options; every invalid value is reported at once, before anything runs.
+
+    Inventory variables override ``base``: ``ansible_host``, ``ansible_port``,
+    ``ansible_user``, ``ansible_ssh_private_key_file``, ``ansible_python_interpreter``,
+    ``edgeq_remote_dir``; ``ansible_connection=local`` makes this machine the device.
+    """
+    if not hosts:
+        raise InputError("the inventory selects no host", hint="check the file and --limit")
+    problems: list[str] = []
+    targets: list[FleetTarget] = []
+    for h in hosts:
+        where = f"inventory host {h.name!r}"
+        if not _NAME_RE.match(h.name) or h.name in (".", ".."):
+            problems.append(f"{where}: not a valid host name (letters, digits, . _ - :)")
+            continue
+        v = h.vars
+        opts = base
+        try:
+            python = v.get("ansible_python_interpreter")
+            if python is not None:
+                python = str(python)
+                if _bad_text(python):
+                    raise UsageError(f"ansible_python_interpreter={python!r} cannot be an interpreter path")
+                opts = replace(opts, python=python)
+            remote = v.get("edgeq_remote_dir")
+            if remote is not None:
+                remote = str(remote)
+                if _bad_text(remote):
+                    raise UsageError(f"edgeq_remote_dir={remote!r} cannot be a directory")
+                opts = replace(opts, remote_dir=remote)
+            elif _bad_text(opts.remote_dir):
+                raise UsageError(f"--remote-dir {opts.remote_dir!r} cannot be a directory")
+            key = v.get("ansible_ssh_private_key_file")
+            ssh = opts.ssh
+            if key is not None:
+                key = str(key)
+                if _bad_text(key) or not Path(key).expanduser().is_file():
+                    raise UsageError(f"ansible_ssh_private_key_file={key!r} is not a file")
+                ssh = replace(ssh, identity=key)
+            if str(v.get("ansible_connection", "ssh")) == "local":
+                opts = replace(opts, host="local", ssh=ssh)
+            else:
+                address = h.address
+                if _bad_text(address) or "@" in address or "/" in address:
+                    raise UsageError(f"ansible_host={address!r} is not a host name or address")
+                try:
+                    port = h.port
+                except (TypeError, ValueError):
+                    raise UsageError(f"ansible_port={v.get('ansible_port')!r} is not a port number") from None
+                if port is not None and not 0 < port < 65536:
+                    raise UsageError(f"ansible_port={port} is out of range (1-65535)")
+                host_part = f"[{address}]" if ":" in address else address
+                user = h.user
+                spec = (f"{user}@" if user else "") + host_part + (f":{port}" if port else "")
+                parse_host(spec)  # user, host and port syntax
+                opts = replace(opts, host=spec, ssh=ssh)
+                make_transport(opts.host, opts.ssh)  # identity files, ssh_config HostName
+        except UsageError as exc:
+            problems.append(f"{where}: {exc.message}")
+            continue
+        targets.append(FleetTarget(h.name, opts))
+    names = [t.name for t in targets]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(f"host names repeated: {', '.join(dupes)}")
+    if problems:
+        raise UsageError("invalid inventory values, nothing was run:\n  " + "\n  ".join(problems),
+                         hint="fix these host variables (or --limit them out)")
+    return tuple(targets)
+
+
+class _Job:
+    """A host's deploy in flight; ``transport`` is kept so a hung host can be cancelled."""
+
+    def __init__(self, target: FleetTarget) -> None:
+        self.target = target
+        self.transport: Optional[Transport] = None
+        self.lock = threading.Lock()
+        self.cancelled = False
+
+    def make_transport(self) -> Transport:
+        with self.lock:
+            if self.cancelled:
+                from edgeq.errors import ConnectError
+
+                raise ConnectError(f"the deploy to {self.target.name} was cancelled", host=self.target.name)
+            self.transport = make_transport(self.target.options.host, self.target.options.ssh)
+            return self.transport
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            tr = self.transport
+        if tr is not None:
+            tr.cancel()
+
+
+def _relabel(progress: Optional[ProgressCallback], name: str) -> Optional[ProgressCallback]:
+    if progress is None:
+        return None
+
+    def relay(ev: ProgressEvent) -> None:
+        progress(ProgressEvent(ev.stage, ev.message, ev.done, ev.total, name))
+
+    return relay
+
+
+def _run(targets: Sequence[FleetTarget], options: FleetOptions, progress: Optional[ProgressCallback],
+         work: Callable[[FleetTarget, Transport, Optional[ProgressCallback]], Any], action: str,
+         model: Optional[dict[str, Any]]) -> FleetResult:
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    deadline = options.host_deadline()
+
+    def do(job: _Job) -> Any:
+        name = job.target.name
+        report(progress, "queued", "starting", host=name)
+        try:
+            value = work(job.target, job.make_transport(), _relabel(progress, name))
+        except Exception as exc:
+            report(progress, "failed", str(exc), host=name)
+            raise
+        report(progress, "done", "ok", host=name)
+        return value
+
+    def cancel(job: _Job) -> None:
+        report(progress, "timeout", f"no answer within {deadline:g} s; abandoned", host=job.target.name)
+        job.cancel()
+
+    jobs = [_Job(t) for t in targets]
+    run = run_fleet(jobs, lambda j: j.target.name, do, forks=options.forks, deadline_s=deadline, cancel=cancel)
+    by_name = {o.host: o for o in run.outcomes}
+    hosts = []
+    for t in targets:
+        o = by_name[t.name]
+        hosts.append(FleetHost(t.name, t.target, o.status, o.error, o.error_type, o.seconds, o.result))
+    return FleetResult(action, model, tuple(hosts), run.seconds, options.forks, started_at)
+
+
+def deploy_fleet(model_path: str | Path, hosts: Sequence[InventoryHost], options: FleetOptions = FleetOptions(),
+                 progress: Optional[ProgressCallback] = None) -> FleetResult:
+    """Deploy ``model_path`` to every host in parallel; every host gets a status within its deadline."""
+    model = Path(model_path)
+    _check_model(model)
+    targets = plan_fleet(hosts, options.deploy)
+    info = {"name": model.name, "sha256": _sha256_file(model), "bytes": model.stat().st_size}
+
+    def work(t: FleetTarget, tr: Transport, prog: Optional[ProgressCallback]) -> DeployResult:
+        return deploy(model, t.options, prog, transport=tr)
+
+    return _run(targets, options, progress, work, "deploy", info)
+
+
+def rollback_fleet(hosts: Sequence[InventoryHost], options: FleetOptions = FleetOptions(),
+                   progress: Optional[ProgressCallback] = None) -> FleetResult:
+    """Switch every host back to its previous model, in parallel."""
+    targets = plan_fleet(hosts, options.deploy)
+
+    def work(t: FleetTarget, tr: Transport, prog: Optional[ProgressCallback]) -> RollbackResult:
+        return rollback(t.options, prog, transport=tr)
+
+    return _run(targets, options, progress, work, "rollback", None)
+
+
+__all__ = ["FleetHost", "FleetOptions", "FleetResult", "FleetTarget", "deploy_fleet", "plan_fleet",
+           "rollback_fleet"]

@@ -1,0 +1,95 @@
+"""Start real OpenSSH servers on 127.0.0.1 for tests (shared by tests/deploy and tests/fleet)."""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SSHD = Path("/usr/sbin/sshd")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keygen(path: Path, kind: str = "ed25519", passphrase: str = "") -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", passphrase, "-C", "edgeq-test", "-f", str(path)],
+                   check=True)
+    return path
+
+
+@dataclass(frozen=True)
+class Sshd:
+    """A running sshd: where it listens and the keys that go with it."""
+
+    port: int
+    user: str
+    host_key_pub: str  # "ssh-ed25519 AAAA..."
+    client_key: Path
+    wrong_key: Path
+    log: Path
+
+    @property
+    def spec(self) -> str:
+        return f"{self.user}@127.0.0.1:{self.port}"
+
+    def known_hosts_line(self) -> str:
+        return f"[127.0.0.1]:{self.port} {self.host_key_pub}\n"
+
+
+class SshdProcess:
+    """An ``sshd -D`` child with a private config; ``stop()`` ends it (by its own pid)."""
+
+    def __init__(self, d: Path, client_key: Path, wrong_key: Path, extra_authorized: tuple[Path, ...] = ()) -> None:
+        if not SSHD.exists():
+            raise RuntimeError("/usr/sbin/sshd is missing; run `make sysdeps` (scripts/system-deps.sh)")
+        d.mkdir(parents=True, exist_ok=True)
+        host_key = keygen(d / "ssh_host_ed25519_key")
+        keys = [Path(f"{client_key}.pub").read_text()] + [Path(f"{k}.pub").read_text() for k in extra_authorized]
+        (d / "authorized_keys").write_text("".join(keys))
+        port = free_port()
+        cfg = d / "sshd_config"
+        cfg.write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+PidFile {d / 'sshd.pid'}
+AuthorizedKeysFile {d / 'authorized_keys'}
+StrictModes no
+UsePAM no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+Subsystem sftp internal-sftp
+MaxStartups 64
+LogLevel VERBOSE
+""")
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation directory
+        log = d / "sshd.log"
+        self.proc = subprocess.Popen([str(SSHD), "-D", "-f", str(cfg), "-E", str(log)])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.proc.kill()
+                    raise RuntimeError(f"sshd did not start: {log.read_text() if log.exists() else ''}")
+                time.sleep(0.05)
+        pub = Path(f"{host_key}.pub").read_text().split()
+        self.info = Sshd(port, getpass.getuser(), f"{pub[0]} {pub[1]}", client_key, wrong_key, log)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
