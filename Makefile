@@ -67,6 +67,7 @@ demo-arm64: demo-model testbed
 bench: venv device-venv
 	$(BIN)/python benchmarks/bench_convert.py
 	$(BIN)/python benchmarks/bench_runner.py
+	$(BIN)/python benchmarks/bench_fleet.py
 
 clean:
 	rm -rf $(OUT) reports $(DEMO)/model.keras $(DEMO)/calib.npy $(DEMO)/eval.npz
