@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -136,28 +135,44 @@ def partial_files(remote: Path) -> list[str]:
 
 # ------------------------------------------------------------------ the ledger
 
-_LEDGER: Counter = Counter()
-_KINDS: dict[str, set[str]] = {"fault": set(), "bad_input": set()}
+_RECORDS: list[tuple[str, str, str]] = []  # (nodeid, kind, name)
+_FAILED: set[str] = set()
 
 
 @pytest.fixture
-def ledger():
+def ledger(request):
     """Record what a test injected: ``ledger("fault", name)``, ``ledger("bad_input", name)``,
     ``ledger("model_kept", name)`` after checking the active model survived."""
 
     def record(kind: str, name: str) -> None:
-        _LEDGER[kind] += 1
-        _KINDS.setdefault(kind, set()).add(name)
+        _RECORDS.append((request.node.nodeid, kind, name))
 
     return record
 
 
+def pytest_runtest_logreport(report):
+    if report.failed:
+        _FAILED.add(report.nodeid)
+
+
 def pytest_terminal_summary(terminalreporter):
-    if not _LEDGER:
+    if not _RECORDS:
         return
-    doc = {"faults_injected_and_survived": _LEDGER["fault"], "fault_kinds": sorted(_KINDS["fault"]),
-           "bad_inputs_tried": _LEDGER["bad_input"], "bad_input_kinds": sorted(_KINDS["bad_input"]),
-           "active_model_checks": _LEDGER["model_kept"], "models_lost": 0}
+
+    def count(kind: str, passed: bool | None = None) -> int:
+        return sum(1 for node, k, _ in _RECORDS if k == kind and (passed is None or (node not in _FAILED) == passed))
+
+    def kinds(kind: str) -> list[str]:
+        return sorted({name for _, k, name in _RECORDS if k == kind})
+
+    # A fault test that failed may have left a device without its active model: count it as lost,
+    # so the ledger can only under-report survival, never over-report it.
+    lost = len({node for node, k, _ in _RECORDS if k == "fault" and node in _FAILED})
+    doc = {"faults_injected": count("fault"), "faults_survived": count("fault", passed=True),
+           "fault_kinds": kinds("fault"),
+           "bad_inputs_tried": count("bad_input"), "bad_inputs_handled": count("bad_input", passed=True),
+           "bad_input_kinds": kinds("bad_input"),
+           "active_model_checks_passed": count("model_kept", passed=True), "models_lost": lost}
     terminalreporter.write_sep("-", "edgeq reliability ledger")
     terminalreporter.write_line(json.dumps(doc, indent=1))
     out = os.environ.get("EDGEQ_RELIABILITY_OUT")
