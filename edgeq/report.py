@@ -169,6 +169,8 @@ def summary_lines(result: ReportLike) -> list[str]:
         f"  load {_ms(doc.get('load_ms'))}, first inference {_ms(doc.get('first_inference_ms'))}, "
         f"peak RSS {_bytes(doc.get('peak_rss_bytes'))}",
     ]
+    if (dev.get("emulation") or {}).get("emulated"):
+        lines.append("  emulated device (qemu): accuracy carries over to real hardware, latency does not")
     ev = doc.get("eval") or {}
     if doc.get("accuracy") is not None:
         lines.append(f"  accuracy {_pct(doc['accuracy'])} top-1 on {ev.get('samples', '?')} samples (on the device)")

@@ -131,3 +131,13 @@ def test_render_html_escapes_untrusted_text():
            "bytes": 1}, "latency_ms": {"samples": [1.0, 2.0, 3.0], "p50": 2.0}, "device": {}, "runtime": {}}
     html = render_html(doc)
     assert "<script>alert" not in html and "<img src=x>" not in html
+
+
+def test_summary_says_when_the_device_is_emulated():
+    from edgeq.report import summary_lines
+
+    doc = {"host": "pi", "model": {"name": "m.tflite"}, "latency_ms": {"p50": 1.0}, "runtime": {},
+           "device": {"arch": "aarch64", "emulation": {"emulated": True}}}
+    assert any("emulated device (qemu)" in line for line in summary_lines(doc))
+    doc["device"]["emulation"]["emulated"] = False
+    assert not any("emulated" in line for line in summary_lines(doc))
