@@ -408,27 +408,34 @@ class Comparison:
         if len(self.reports) == 1:
             return render_html(self.reports[0])
         pct = [(lab, r.get("latency_ms", {})) for lab, r in zip(self.labels, self.reports)]
-        top = max((lat.get("p99") or 0) for _, lat in pct) or 1.0
-        width, pl = 640, 200
-        w = width - pl - 90
-        bars = []
-        y = 30
-        for lab, lat in pct:
-            for k, color in (("p50", "#3b7dd8"), ("p90", "#7aa6e6"), ("p99", "#b8cff2")):
-                v = lat.get(k) or 0
-                bars.append(f'<text x="{pl - 8}" y="{y + 12}" font-size="11" text-anchor="end">'
-                            f'{html.escape(lab[:30])} {k}</text><rect x="{pl}" y="{y}" width="{v / top * w:.1f}" '
-                            f'height="14" fill="{color}"/><text x="{pl + v / top * w + 4:.1f}" y="{y + 12}" '
-                            f'font-size="11">{html.escape(_ms(v))}</text>')
-                y += 18
-            y += 8
-        svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y + 10}" role="img" '
-               f'aria-label="latency comparison"><text x="10" y="16" font-size="12" font-weight="600">'
-               f'Latency percentiles</text>{"".join(bars)}</svg>')
+        svg = _percentile_bars(pct, label_width=200, label_chars=30, aria="latency comparison",
+                               title="Latency percentiles")
         table = _table([[k, *v] for k, v in self.rows], ["", *self.labels])
         body = f"<h1>edgeq: {len(self.reports)} reports side by side</h1>{table}<h2>Latency</h2>{svg}"
         return _page("edgeq comparison", body)
 
+
+def _percentile_bars(items: Sequence[tuple[str, dict]], label_width: int, label_chars: int, aria: str,
+                     title: str | None = None) -> str:
+    """An inline SVG with p50/p90/p99 bars per labelled latency summary, on one shared scale."""
+    top = max((lat.get("p99") or 0) for _, lat in items) or 1.0
+    width, pl = 640, label_width
+    w = width - pl - 90
+    parts = []
+    if title:
+        parts.append(f'<text x="10" y="16" font-size="12" font-weight="600">{html.escape(title)}</text>')
+    y = 30
+    for label, lat in items:
+        for k, color in (("p50", "#3b7dd8"), ("p90", "#7aa6e6"), ("p99", "#b8cff2")):
+            v = lat.get(k) or 0
+            parts.append(f'<text x="{pl - 8}" y="{y + 12}" font-size="11" text-anchor="end">'
+                         f'{html.escape(str(label)[:label_chars])} {k}</text><rect x="{pl}" y="{y}" '
+                         f'width="{v / top * w:.1f}" height="14" fill="{color}"/><text '
+                         f'x="{pl + v / top * w + 4:.1f}" y="{y + 12}" font-size="11">{html.escape(_ms(v))}</text>')
+            y += 18
+        y += 8
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y + 10}" role="img" '
+            f'aria-label="{html.escape(aria)}">{"".join(parts)}</svg>')
 
 def compare(report_dirs: Sequence[str | Path]) -> Comparison:
     """Load one or more report directories and line them up."""
@@ -547,22 +554,8 @@ def render_fleet_html(summary: dict) -> str:
     ok = [(h["name"], h.get("latency_ms") or {}) for h in summary.get("hosts", []) if h.get("latency_ms")]
     svg = ""
     if ok:
-        top = max((lat.get("p99") or 0) for _, lat in ok) or 1.0
-        width, pl = 640, 160
-        w = width - pl - 90
-        parts = []
-        y = 30
-        for name, lat in ok:
-            for k, color in (("p50", "#3b7dd8"), ("p90", "#7aa6e6"), ("p99", "#b8cff2")):
-                v = lat.get(k) or 0
-                parts.append(f'<text x="{pl - 8}" y="{y + 12}" font-size="11" text-anchor="end">'
-                             f'{html.escape(str(name)[:24])} {k}</text><rect x="{pl}" y="{y}" '
-                             f'width="{v / top * w:.1f}" height="14" fill="{color}"/><text '
-                             f'x="{pl + v / top * w + 4:.1f}" y="{y + 12}" font-size="11">{html.escape(_ms(v))}</text>')
-                y += 18
-            y += 8
-        svg = (f'<h2>Latency by host</h2><svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y + 10}" '
-               f'role="img" aria-label="latency by host">{"".join(parts)}</svg>')
+        svg = "<h2>Latency by host</h2>" + _percentile_bars(ok, label_width=160, label_chars=24,
+                                                            aria="latency by host")
     head = (f"<h1>edgeq fleet {html.escape(str(summary.get('action', 'deploy')))}: "
             f"{counts.get('ok', 0)} of {counts.get('hosts', 0)} hosts ok</h1>"
             f"<p>model {html.escape(str(model.get('name', '-')))} sha256 "
