@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO := examples/digits
 OUT := out
 
-.PHONY: demo demo-model test test-fast bench sysdeps venv device-venv clean testbed testbed-stop demo-arm64
+.PHONY: device-venv-py38 demo demo-model test test-fast bench sysdeps venv device-venv clean testbed testbed-stop demo-arm64
 
 TESTBED := tests/devices/testbed.sh
 
@@ -26,11 +26,22 @@ $(DEVICE_VENV)/.installed:
 
 # Debian packages: sshd and chromium for the deploy tests; debootstrap, qemu-user-static,
 # binfmt-support and iproute2 for the emulated Raspberry Pi (tests marked arm64).
+# Raspberry Pi OS bullseye-era devices run Python 3.8/3.9: when a Python 3.8 is on this machine
+# (pyenv's, for one), the runner is also tested on it (Debian bookworm packages no 3.8).
+PYTHON38 ?= $(firstword $(wildcard /usr/bin/python3.8 /usr/local/bin/python3.8 $(HOME)/.pyenv/versions/3.8*/bin/python3.8))
+device-venv-py38:
+ifneq ($(PYTHON38),)
+	test -x $(DEVICE_VENV)38/bin/python || { $(PYTHON38) -m venv $(DEVICE_VENV)38 && \
+		$(DEVICE_VENV)38/bin/pip install -q 'numpy<2' 'tflite-runtime==2.14.0'; }
+else
+	@echo "no python3.8 on this machine: the Python 3.8 runner test will be skipped"
+endif
+
 sysdeps:
 	bash scripts/system-deps.sh
 	bash $(TESTBED) deps
 
-test: sysdeps venv device-venv
+test: sysdeps venv device-venv device-venv-py38
 	EDGEQ_DEVICE_PYTHON=$(abspath $(DEVICE_VENV))/bin/python $(BIN)/pytest
 
 # Everything but the slow tests, for a quick loop while editing.
