@@ -90,3 +90,28 @@ def digits_eval_npz(tmp_path_factory, digits) -> Path:
     path = tmp_path_factory.mktemp("digits_eval") / "eval.npz"
     np.savez(path, x=digits["x_test"], y=digits["y_test"])
     return path
+
+
+@pytest.fixture(scope="session")
+def calib_npy(tmp_path_factory, digits) -> Path:
+    """400 training digits as a calibration ``.npy`` (first axis = samples)."""
+    path = tmp_path_factory.mktemp("calib") / "calib.npy"
+    np.save(path, digits["x_train"][:400])
+    return path
+
+
+@pytest.fixture
+def fake_keras(tmp_path_factory) -> Path:
+    """Passes the cheap format check (a zip header) but is no model: for errors raised before loading."""
+    path = tmp_path_factory.mktemp("fake") / "fake.keras"
+    path.write_bytes(b"PK\x03\x04" + b"\x00" * 28)
+    return path
+
+
+@pytest.fixture(scope="session")
+def device_python() -> str:
+    """The device side: a venv with only numpy<2 and tflite-runtime (``make device-venv``)."""
+    path = os.environ.get("EDGEQ_DEVICE_PYTHON") or str(ROOT / ".venv-device" / "bin" / "python")
+    if not Path(path).exists():
+        pytest.fail(f"device python {path} is missing; run `make device-venv` or set EDGEQ_DEVICE_PYTHON")
+    return path

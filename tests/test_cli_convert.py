@@ -20,21 +20,6 @@ def _run(*args: str):
     return CliRunner().invoke(main, ["convert", *args])
 
 
-@pytest.fixture
-def fake_keras(tmp_path_factory) -> Path:
-    """Passes the cheap format check (a zip header) but is no model: for errors raised before loading."""
-    path = tmp_path_factory.mktemp("fake") / "fake.keras"
-    path.write_bytes(b"PK\x03\x04" + b"\x00" * 28)
-    return path
-
-
-@pytest.fixture(scope="module")
-def calib_npy(tmp_path_factory, digits) -> Path:
-    path = tmp_path_factory.mktemp("cli_calib") / "calib.npy"
-    np.save(path, digits["x_train"][:300])
-    return path
-
-
 def test_help_does_not_import_tensorflow():
     code = (
         "import sys\n"

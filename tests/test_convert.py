@@ -44,21 +44,6 @@ def _nothing_written(directory: Path) -> None:
     assert sorted(p.name for p in directory.iterdir()) == []
 
 
-@pytest.fixture
-def fake_keras(tmp_path_factory) -> Path:
-    """Passes the cheap format check (a zip header) but is no model: for errors raised before loading."""
-    path = tmp_path_factory.mktemp("fake") / "fake.keras"
-    path.write_bytes(b"PK\x03\x04" + b"\x00" * 28)
-    return path
-
-
-@pytest.fixture(scope="module")
-def calib_npy(tmp_path_factory, digits) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.npy"
-    np.save(path, digits["x_train"][:400])
-    return path
-
-
 @pytest.fixture(scope="module")
 def digits_converted(tmp_path_factory, digits_keras, calib_npy, digits_eval_npz):
     out = tmp_path_factory.mktemp("conv") / "digits_int8.tflite"

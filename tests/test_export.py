@@ -39,7 +39,7 @@ def test_files_and_resolver(exported, digits_int8_tflite):
     h = (out / "op_resolver.h").read_text()
     ops = res.ops
     assert set(ops) >= {"CONV_2D", "MAX_POOL_2D", "FULLY_CONNECTED", "SOFTMAX"}
-    assert f"tflite::MicroMutableOpResolver<kNumModelOps>" in h and f"kNumModelOps = {len(ops)};" in h
+    assert "tflite::MicroMutableOpResolver<kNumModelOps>" in h and f"kNumModelOps = {len(ops)};" in h
     assert re.findall(r"resolver\.(Add\w+)\(\)", h) == list(res.resolver_methods)
     assert "resolver.AddConv2D()" in h and "resolver.AddMaxPool2D()" in h and "resolver.AddFullyConnected()" in h
     assert len(set(res.resolver_methods)) == len(res.resolver_methods)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,18 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgeq.transport import SSHOptions
-from tests.deploy.sshd_helper import SSHD, Sshd, SshdProcess, free_port, keygen  # noqa: F401  (re-exported)
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def device_python() -> str:
-    """The device side: a venv with only numpy<2 and tflite-runtime (``make device-venv``)."""
-    path = os.environ.get("EDGEQ_DEVICE_PYTHON") or str(ROOT / ".venv-device" / "bin" / "python")
-    if not Path(path).exists():
-        pytest.fail(f"device python {path} is missing; run `make device-venv` or set EDGEQ_DEVICE_PYTHON")
-    return path
+from tests.deploy.sshd_helper import SSHD, Sshd, SshdProcess, keygen
 
 
 @pytest.fixture(scope="session")

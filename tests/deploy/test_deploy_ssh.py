@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from edgeq.cli import main
 from edgeq.deploy import DeployOptions, deploy
 from edgeq.errors import DeviceError, HostKeyError
-from tests.deploy.conftest import free_port, tree
+from tests.deploy.conftest import tree
+from tests.deploy.sshd_helper import free_port
 
 FAST = dict(min_seconds=0.1, min_warmup_seconds=0.05, runs=20)
 
@@ -197,7 +198,7 @@ def test_full_disk_is_a_clean_error_and_leaves_no_partial_file(sshd, known_hosts
 
 @pytest.mark.ssh
 def test_changed_host_key_refused_by_deploy(sshd, tmp_path, fake_model, device_python, ssh_options):
-    from tests.deploy.conftest import keygen
+    from tests.deploy.sshd_helper import keygen
 
     other = keygen(tmp_path / "k2")
     kh = tmp_path / "kh"

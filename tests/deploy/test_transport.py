@@ -10,7 +10,7 @@ import pytest
 
 from edgeq.errors import AuthError, ConnectError, HostKeyError, RemoteCommandError, UsageError
 from edgeq.transport import LocalTransport, SSHTransport, fingerprint, parse_host
-from tests.deploy.conftest import free_port, keygen
+from tests.deploy.sshd_helper import free_port, keygen
 
 
 def test_parse_host_forms():

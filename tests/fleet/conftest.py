@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,6 @@ from edgeq.deploy import DeployOptions
 from edgeq.transport import SSHOptions
 from tests.deploy.sshd_helper import SSHD, Sshd, SshdProcess, keygen
 
-ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parent / "data"
 PASSPHRASE = "correct horse battery staple 7f3c"
 N_SSHD = 3
@@ -41,15 +40,6 @@ class Fleet:
             lines.append(f"[127.0.0.1]:{proxy_port} {by_port[upstream].host_key_pub}\n")
         path.write_text("".join(lines))
         return path
-
-
-@pytest.fixture(scope="session")
-def device_python() -> str:
-    """The device side: a venv with only numpy<2 and tflite-runtime (``make device-venv``)."""
-    path = os.environ.get("EDGEQ_DEVICE_PYTHON") or str(ROOT / ".venv-device" / "bin" / "python")
-    if not Path(path).exists():
-        pytest.fail(f"device python {path} is missing; run `make device-venv` or set EDGEQ_DEVICE_PYTHON")
-    return path
 
 
 @pytest.fixture(scope="session")

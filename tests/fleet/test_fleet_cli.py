@@ -143,7 +143,6 @@ def test_fleet_with_dead_hung_and_changed_key_hosts(fleet, tmp_path, device_pyth
 def test_fleet_deadline_cancels_a_host_that_hangs_after_connecting(fleet, tmp_path, device_python, model_big,
                                                                    ledger):
     """A link that goes silent mid-upload with a long phase deadline: the host deadline abandons it."""
-    from dataclasses import replace
 
     from edgeq.fleet_deploy import FleetOptions, deploy_fleet
     from edgeq.transport import SSHOptions
