@@ -8,16 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.tflite_file import _Reader, parse_tflite
-
-
-def _int8(tf, model, samples: np.ndarray) -> bytes:
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = lambda: ([samples[i : i + 1]] for i in range(len(samples)))
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = tf.int8
-    conv.inference_output_type = tf.int8
-    return conv.convert()
+from tests.tflite_models import int8_tflite
 
 
 def big_dense_int8(path: Path) -> Path:
@@ -31,7 +22,7 @@ def big_dense_int8(path: Path) -> Path:
         tf.keras.layers.Dense(10),
     ])
     x = np.random.default_rng(0).random((20, 1024), dtype=np.float32)
-    path.write_bytes(_int8(tf, model, x))
+    path.write_bytes(int8_tflite(model, x))
     return path
 
 

@@ -53,23 +53,14 @@ def digits_keras(tmp_path_factory, digits) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_int8_tflite(tmp_path_factory, digits_keras, digits) -> Path:
-    """The digits CNN as a full-int8 ``.tflite``, made with TensorFlow's converter directly.
-
-    Independent of ``edgeq.convert`` on purpose, so tests of the reader, check
-    and deploy do not depend on the code under test in another module.
-    """
+    """The digits CNN as a full-int8 ``.tflite``, made with TensorFlow's converter directly."""
     import tensorflow as tf
 
+    from tests.tflite_models import int8_tflite
+
     model = tf.keras.models.load_model(digits_keras)
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    calib = digits["x_train"][:200]
-    conv.representative_dataset = lambda: ([calib[i : i + 1]] for i in range(len(calib)))
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = tf.int8
-    conv.inference_output_type = tf.int8
     path = tmp_path_factory.mktemp("digits_int8") / "model_int8.tflite"
-    path.write_bytes(conv.convert())
+    path.write_bytes(int8_tflite(model, digits["x_train"][:200]))
     return path
 
 

@@ -1,6 +1,6 @@
 """Make the two tiny int8 models the fleet tests deploy (run once; the .tflite files are kept in data/).
 
-    .venv/bin/python tests/fleet/make_models.py
+    .venv/bin/python -m tests.fleet.make_models
 
 Two models with the same shape and different weights, so a test can tell which
 one is active. Each is a few KB: fault tests care about transfer and activation,
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.tflite_models import int8_tflite
+
 DATA = Path(__file__).resolve().parent / "data"
 
 
@@ -22,14 +24,7 @@ def make(seed: int) -> bytes:
     tf.keras.utils.set_random_seed(seed)
     model = tf.keras.Sequential([tf.keras.layers.Input((16,)), tf.keras.layers.Dense(8, activation="relu"),
                                  tf.keras.layers.Dense(4)])
-    calib = np.random.default_rng(seed).random((32, 16), dtype=np.float32)
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = lambda: ([calib[i: i + 1]] for i in range(len(calib)))
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = tf.int8
-    conv.inference_output_type = tf.int8
-    return conv.convert()
+    return int8_tflite(model, np.random.default_rng(seed).random((32, 16), dtype=np.float32))
 
 
 if __name__ == "__main__":
