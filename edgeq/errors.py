@@ -18,6 +18,9 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad command line (click's own code)
     DOES_NOT_FIT = 3  # `edgeq check`: the model does not fit or run on the target
     DEVICE = 4  # a device could not be reached or failed during deploy
+    NO_RECIPE = 5  # `edgeq sweep`: no executable recipe fits the target within --max-drop
+    OVER_BUDGET = 6  # `edgeq convert --max-drop`: no repair brought the accuracy drop within budget
+    INTERNAL = 70  # an unexpected exception: a bug in edgeq (EX_SOFTWARE)
     INTERRUPTED = 130
 
 
@@ -57,6 +60,22 @@ class DataError(InputError):
 
 class ConversionError(EdgeqError):
     """TensorFlow could not produce the requested quantized model."""
+
+
+class RecipeError(EdgeqError):
+    """A quantization recipe is unknown, or a recipe file is invalid (message names ``file:key``)."""
+
+
+class NoRecipeQualifies(EdgeqError):
+    """No executable recipe fits the target and stays within the accuracy budget."""
+
+    exit_code = ExitCode.NO_RECIPE
+
+
+class OverBudget(EdgeqError):
+    """No repair brought the quantized model's accuracy drop within ``--max-drop``."""
+
+    exit_code = ExitCode.OVER_BUDGET
 
 
 class TargetError(EdgeqError):
@@ -111,6 +130,10 @@ class RemoteCommandError(DeviceError):
 
 class RunnerCrashed(DeviceError):
     """The on-device runner (or a local interpreter child) died, e.g. by a signal."""
+
+
+class DeviceProtocolError(DeviceError):
+    """The device answered with something that is not a valid runner document."""
 
 
 class DeviceBusy(DeviceError):

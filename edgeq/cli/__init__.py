@@ -53,7 +53,7 @@ def _register() -> None:
     # `edgeq --help` lists them, which is why none of them may import TensorFlow.
     import importlib
 
-    for name in ("convert", "check", "deploy"):
+    for name in ("convert", "check", "deploy", "sweep", "repair"):
         try:
             importlib.import_module(f"edgeq.cli.{name}")
         except ModuleNotFoundError as exc:
