@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -106,3 +107,56 @@ def device_python() -> str:
     if not Path(path).exists():
         pytest.fail(f"device python {path} is missing; run `make device-venv` or set EDGEQ_DEVICE_PYTHON")
     return path
+
+
+# ------------------------------------------------------------------ the ledger
+
+_RECORDS: list[tuple[str, str, str]] = []  # (nodeid, kind, name)
+_FAILED: set[str] = set()
+
+
+@pytest.fixture
+def ledger(request):
+    """Record what a test injected: ``ledger("fault", name)``, ``ledger("bad_input", name)``,
+    ``ledger("model_kept", name)`` after checking the active model survived.
+
+    Call it only after the test's own assertions ran (or at the top: a test that then fails is
+    counted as not survived / not handled). A bad input is "handled" when the test that tried it
+    passed, and such tests assert the one-line ``error:`` (no traceback) themselves, so a
+    failed bad-input test counts as a traceback."""
+
+    def record(kind: str, name: str) -> None:
+        _RECORDS.append((request.node.nodeid, kind, name))
+
+    return record
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        _FAILED.add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RECORDS:
+        return
+
+    def count(kind: str, passed: bool | None = None) -> int:
+        return sum(1 for node, k, _ in _RECORDS if k == kind and (passed is None or (node not in _FAILED) == passed))
+
+    def kinds(kind: str) -> list[str]:
+        return sorted({name for _, k, name in _RECORDS if k == kind})
+
+    # A fault test that failed may have left a device without its active model: count it as lost,
+    # so the ledger can only under-report survival, never over-report it.
+    lost = len({node for node, k, _ in _RECORDS if k == "fault" and node in _FAILED})
+    doc = {"faults_injected": count("fault"), "faults_survived": count("fault", passed=True),
+           "fault_kinds": kinds("fault"),
+           "bad_inputs_tried": count("bad_input"), "bad_inputs_handled": count("bad_input", passed=True),
+           "bad_input_kinds": kinds("bad_input"),
+           "tracebacks": count("bad_input", passed=False),
+           "active_model_checks_passed": count("model_kept", passed=True), "models_lost": lost}
+    terminalreporter.write_sep("-", "edgeq reliability ledger")
+    terminalreporter.write_line(json.dumps(doc, indent=1))
+    out = os.environ.get("EDGEQ_RELIABILITY_OUT")
+    if out:
+        Path(out).write_text(json.dumps(doc, indent=2) + "\n")
