@@ -2,7 +2,9 @@
 
 Subcommands live in modules beside this one (one per pipeline stage); this
 module owns the group, ``--debug`` and the one place where errors become exit
-codes.
+codes: an ``EdgeqError`` is one ``error:`` line with its own code, anything
+else is a bug in edgeq and becomes one ``error: internal error`` line with
+exit code 70 (the traceback only with ``--debug``).
 """
 
 from __future__ import annotations
@@ -14,23 +16,38 @@ import click
 
 from edgeq import __version__
 from edgeq.errors import EdgeqError, ExitCode
+from edgeq.escape import one_line
+
+# An error line is bounded: a message can carry device output or a file name.
+ERROR_LINE_LIMIT = 2000
+
+
+def error_line(exc: BaseException) -> str:
+    """The one ``error: ...`` line for an exception (control characters escaped, length bounded)."""
+    if isinstance(exc, EdgeqError):
+        return "error: " + one_line(str(exc), ERROR_LINE_LIMIT)
+    detail = one_line(f"{type(exc).__name__}: {exc}", ERROR_LINE_LIMIT)
+    return (f"error: internal error: {detail}; this is a bug in edgeq, please report it with the output "
+            f"of --debug")
 
 
 class EdgeqGroup(click.Group):
-    """Turns ``EdgeqError`` into a one-line ``error: ...`` and its exit code."""
+    """Turns every exception into a one-line ``error: ...`` and its exit code."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
-        except EdgeqError as exc:
-            debug = bool(ctx.obj and ctx.obj.get("debug"))
-            if debug:
-                traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(int(exc.exit_code))
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # click's own control flow: usage errors (exit 2), ctx.exit(n)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(int(ExitCode.INTERRUPTED))
+        except Exception as exc:  # noqa: BLE001 - the one catch-all of the command line
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(error_line(exc), err=True)
+            code = exc.exit_code if isinstance(exc, EdgeqError) else ExitCode.INTERNAL
+            ctx.exit(int(code))
 
 
 @click.group(cls=EdgeqGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,7 +59,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 
     \b
     Exit codes: 0 ok, 1 error, 2 bad usage, 3 model does not fit the target,
-    4 device unreachable or failed, 130 interrupted.
+    4 device unreachable or failed, 5 no qualifying recipe (sweep),
+    6 accuracy budget not met (convert --max-drop), 70 internal error
+    (a bug in edgeq; rerun with --debug), 130 interrupted.
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug

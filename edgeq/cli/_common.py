@@ -1,4 +1,10 @@
-"""Rendering helpers shared by the subcommands (terminal only; the library never prints)."""
+"""Rendering helpers shared by the subcommands (terminal only; the library never prints).
+
+Text on its way to the terminal can hold strings from a model file, a device
+or a report someone else wrote: every command prints through ``echo``, which
+escapes terminal control characters (``edgeq.escape.term``), so a tensor name
+or a device error cannot move the cursor, retitle the window or hide a line.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,15 @@ from typing import Any, Optional
 
 import click
 
+from edgeq.escape import one_line, term
 from edgeq.progress import ProgressCallback, ProgressEvent
+
+_CLEAR_LINE = "\r\x1b[2K"  # our own control sequence; the only one edgeq writes
+
+
+def echo(text: Any = "", err: bool = False, nl: bool = True) -> None:
+    """Print text that may contain untrusted strings: control characters escaped, newlines kept."""
+    click.echo(term(text), err=err, nl=nl)
 
 
 def progress_printer(enabled: bool) -> Optional[ProgressCallback]:
@@ -17,9 +31,9 @@ def progress_printer(enabled: bool) -> Optional[ProgressCallback]:
         return None
 
     def show(ev: ProgressEvent) -> None:
-        where = f"[{ev.host}] " if ev.host else ""
+        where = f"[{one_line(ev.host, 80)}] " if ev.host else ""
         count = f" {ev.done}/{ev.total}" if ev.done is not None and ev.total else ""
-        click.echo(f"\r\x1b[2K{where}{ev.stage}{count} {ev.message}".rstrip(), err=True, nl=False)
+        click.echo(_CLEAR_LINE + one_line(f"{where}{ev.stage}{count} {ev.message}".rstrip(), 300), err=True, nl=False)
         if ev.total and ev.done == ev.total:
             click.echo("", err=True)
 
@@ -29,9 +43,9 @@ def progress_printer(enabled: bool) -> Optional[ProgressCallback]:
 def clear_progress(enabled: bool) -> None:
     """Clear the progress line before printing a result."""
     if enabled and sys.stderr.isatty():
-        click.echo("\r\x1b[2K", err=True, nl=False)
+        click.echo(_CLEAR_LINE, err=True, nl=False)
 
 
 def echo_json(data: Any) -> None:
-    """Print one JSON document on stdout."""
-    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+    """Print one JSON document on stdout (``json.dumps`` escapes control characters as ``\\u00XX``)."""
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str, ensure_ascii=True))

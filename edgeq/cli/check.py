@@ -7,7 +7,7 @@ from typing import Optional
 import click
 
 from edgeq.cli import main
-from edgeq.cli._common import echo_json
+from edgeq.cli._common import echo, echo_json
 from edgeq.errors import ExitCode
 
 
@@ -36,7 +36,7 @@ def targets(as_json: bool) -> None:
         rows.append((p.name, p.kind, ram, _size(p.flash_bytes), p.runtime, p.backend, p.description))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
 
 
 @main.command()
@@ -64,7 +64,7 @@ def check(model: str, target_name: str, as_json: bool, no_measure: bool, timeout
         echo_json(result.to_dict())
     else:
         for line in result.summary_lines():
-            click.echo(line)
+            echo(line)
     if not result.fits:
         click.get_current_context().exit(int(ExitCode.DOES_NOT_FIT))
 
@@ -93,7 +93,7 @@ def export_cmd(model: str, target_name: str, fmt: str, out_dir: str, margin: flo
         echo_json(result.to_dict())
         return
     for f in result.files:
-        click.echo(f"wrote {f}")
-    click.echo(f"ops: {', '.join(result.ops)} (MicroMutableOpResolver<{len(result.ops)}>)")
-    click.echo(f"kTensorArenaSize = {result.tensor_arena_size} (measured {result.arena_bytes} bytes "
+        echo(f"wrote {f}")
+    echo(f"ops: {', '.join(result.ops)} (MicroMutableOpResolver<{len(result.ops)}>)")
+    echo(f"kTensorArenaSize = {result.tensor_arena_size} (measured {result.arena_bytes} bytes "
                f"+ {round(result.arena_margin * 100)}%)")
