@@ -39,11 +39,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from edgeq import __version__
 from edgeq.errors import (ConnectError, DataError, DeviceBusy, DeviceError, InputError, ModelError, RemoteCommandError,
-                          RunnerCrashed)
+                          RunnerCrashed, UsageError)
 from edgeq.progress import ProgressCallback, report
 from edgeq.transport import LocalTransport, Result, SSHOptions, Transport, make_transport
 
@@ -253,9 +253,10 @@ def _probe(tr: Transport, python: str, remote_dir: str, have: list[str], timeout
 
 
 def _upload(tr: Transport, items: list[tuple[str, Path, str, str]], python: str, remote_dir: str,
-            options: DeployOptions, progress: Optional[ProgressCallback], disk_free: Optional[int]) -> dict[str, int]:
+            options: DeployOptions, progress: Optional[ProgressCallback],
+            disk_free: Optional[int]) -> dict[tuple[str, str], int]:
     """Upload ``(kind, local, rel, sha)`` items to temp names, verify on the device, rename into place."""
-    sent: dict[str, int] = {}
+    sent: dict[tuple[str, str], int] = {}
     staged: list[tuple[str, str, str]] = []
     total = sum(local.stat().st_size for _, local, _, _ in items)
     done_before = 0
@@ -271,7 +272,7 @@ def _upload(tr: Transport, items: list[tuple[str, Path, str, str]], python: str,
                 report(progress, "upload", _kind, _base + n, total, tr.host)
 
             try:
-                sent[kind] = tr.put(local, tmp, timeout=max(1.0, deadline - time.monotonic()), progress=show)
+                sent[(kind, sha)] = tr.put(local, tmp, timeout=max(1.0, deadline - time.monotonic()), progress=show)
             except DeviceError as exc:
                 if disk_free is not None and "disk full" in str(exc):
                     exc.message += f"; {disk_free} bytes were free under {remote_dir} before the upload"
@@ -523,38 +524,72 @@ def deploy(model_path: str | Path, options: DeployOptions = DeployOptions(),
     verified and ran on the device. ``transport`` lets a caller (the fleet) keep
     a handle to cancel a hung host; by default one is made from ``options``.
     """
+    return _session([Path(model_path)], options, progress, transport, options.activate)[0]
+
+
+def measure_models(model_paths: Sequence[str | Path], options: DeployOptions = DeployOptions(),
+                   progress: Optional[ProgressCallback] = None,
+                   transport: Optional[Transport] = None) -> tuple[DeployResult, ...]:
+    """Measure several models on one device without activating any of them.
+
+    One connection, one probe, one device lock; each model (and the eval data)
+    is uploaded once, content-addressed, and run in turn. One ``DeployResult``
+    per model, in the order given (``activation.activated`` is False).
+    """
+    paths = [Path(p) for p in model_paths]
+    if not paths:
+        raise UsageError("measure_models needs at least one model")
+    return tuple(_session(paths, options, progress, transport, activate=False))
+
+
+def _session(models: list[Path], options: DeployOptions, progress: Optional[ProgressCallback],
+             transport: Optional[Transport], activate: bool) -> list[DeployResult]:
     started = time.monotonic()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    model = Path(model_path)
     if transport is None:
         transport = make_transport(options.host, options.ssh)  # validates the host before anything runs
-    _check_model(model)
+    for model in models:
+        _check_model(model)
     eval_path = Path(options.eval_data) if options.eval_data else None
+    eval_sha = None
     if eval_path:
         _check_eval(eval_path)
-    model_sha = _sha256_file(model)
+        eval_sha = _sha256_file(eval_path)
+    shas = [_sha256_file(m) for m in models]
     python = options.device_python()
     warnings: list[str] = []
 
     with tempfile.TemporaryDirectory(prefix="edgeq-deploy-") as staging:
         runner_local = Path(staging) / "runner.py"
         runner_local.write_bytes(runner_source())
-        files = [("runner", runner_local, _sha256_file(runner_local), "runner.py"),
-                 ("model", model, model_sha, "model.tflite")]
+        # (kind, local, sha, rel); one entry per distinct file.
+        files: list[tuple[str, Path, str, str]] = [
+            ("runner", runner_local, _sha256_file(runner_local), "")]
+        seen: set[str] = set()
+        for model, sha in zip(models, shas):
+            if sha not in seen:
+                seen.add(sha)
+                files.append(("model", model, sha, ""))
         if eval_path:
-            files.append(("eval", eval_path, _sha256_file(eval_path), "eval.npz"))
+            files.append(("eval", eval_path, eval_sha, ""))
         folder = {"runner": "runner", "model": "models", "eval": "data"}
-        rels = {kind: f"{folder[kind]}/{sha}/{name}" for kind, _l, sha, name in files}
+        name = {"runner": "runner.py", "model": "model.tflite", "eval": "eval.npz"}
+        files = [(k, loc, sha, f"{folder[k]}/{sha}/{name[k]}") for k, loc, sha, _r in files]
+        rel_of = {(k, sha): rel for k, _l, sha, rel in files}
+        runner_rel = files[0][3]
+        eval_rel = rel_of[("eval", eval_sha)] if eval_path else None
 
         host = transport.host
         report(progress, "connect", f"connecting to {host}", host=host)
         t0 = time.monotonic()
+        run_docs: list[dict[str, Any]] = []
+        activation: Optional[dict[str, Any]] = None
         with transport as tr:
             report(progress, "probe", f"probing {host}", host=host)
-            facts = _probe(tr, python, options.remote_dir, list(rels.values()), options.probe_timeout)
+            facts = _probe(tr, python, options.remote_dir, [f[3] for f in files], options.probe_timeout)
             remote_dir = facts["remote_dir"]
             report(progress, "lock", f"locking {remote_dir}", host=host)
-            lock = acquire_lock(tr, python, remote_dir, options, model_sha)
+            lock = acquire_lock(tr, python, remote_dir, options, shas[0])
             if lock.broke_stale:
                 owner = lock.broke_stale
                 warnings.append(f"broke a stale device lock ({owner.get('reason')}; held by "
@@ -562,29 +597,26 @@ def deploy(model_path: str | Path, options: DeployOptions = DeployOptions(),
                                 f"{owner.get('pid', '?')}, {owner.get('age_s', '?')} s old)")
             link_lost = False
             try:
-                missing = [(kind, local, rels[kind], sha) for kind, local, sha, _n in files
-                           if not facts.get("have", {}).get(rels[kind])]
+                missing = [(kind, local, rel, sha) for kind, local, sha, rel in files
+                           if not facts.get("have", {}).get(rel)]
                 disk = facts.get("disk") or {}
-                sent = _upload(tr, missing, python, remote_dir, options, progress, disk.get("free_bytes")) \
+                sent_files = _upload(tr, missing, python, remote_dir, options, progress, disk.get("free_bytes")) \
                     if missing else {}
                 upload_s = time.monotonic() - t0
-                report(progress, "measure", f"running {model.name} on {host}", host=host)
-                res = tr.run([python, f"{remote_dir}/{rels['runner']}",
-                              *_run_args(options, f"{remote_dir}/{rels['model']}",
-                                         f"{remote_dir}/{rels['eval']}" if eval_path else None)],
-                             options.run_timeout, check=False)
-                err = _no_python(res, python, host)
-                if err:
-                    raise err
-                run_doc = _run_result(res, host, model.name)
+                for model, sha in zip(models, shas):
+                    report(progress, "measure", f"running {model.name} on {host}", host=host)
+                    res = tr.run([python, f"{remote_dir}/{runner_rel}",
+                                  *_run_args(options, f"{remote_dir}/{rel_of[('model', sha)]}",
+                                             f"{remote_dir}/{eval_rel}" if eval_rel else None)],
+                                 options.run_timeout, check=False)
+                    err = _no_python(res, python, host)
+                    if err:
+                        raise err
+                    run_docs.append(_run_result(res, host, model.name))
                 before = facts.get("activation") or {}
-                if options.activate:
-                    report(progress, "activate", f"activating {model_sha[:12]} on {host}", host=host)
-                    activation = _activate(tr, python, lock, model_sha, options.probe_timeout)
-                else:
-                    activation = {"activated": False, "switched": False, "active": before.get("current"),
-                                  "previous": before.get("previous"),
-                                  "path": f"{remote_dir}/current/model.tflite"}
+                if activate:
+                    report(progress, "activate", f"activating {shas[0][:12]} on {host}", host=host)
+                    activation = _activate(tr, python, lock, shas[0], options.probe_timeout)
             except ConnectError:
                 link_lost = True
                 raise
@@ -597,6 +629,31 @@ def deploy(model_path: str | Path, options: DeployOptions = DeployOptions(),
                     _forget(lock.token)
                     tr.close()
 
+    results = []
+    for i, (model, sha, run_doc) in enumerate(zip(models, shas, run_docs)):
+        if activation is None:
+            act = {"activated": False, "switched": False, "active": before.get("current"),
+                   "previous": before.get("previous"), "path": f"{remote_dir}/current/model.tflite"}
+        else:
+            act = activation
+        # Bytes sent belong to the first model that needed them.
+        first = shas.index(sha) == i
+        sent = {"model": sent_files.get(("model", sha), 0) if first else 0}
+        if i == 0:
+            sent["eval"] = sent_files.get(("eval", eval_sha), 0) if eval_path else 0
+            sent["runner"] = sent_files.get(("runner", files[0][2]), 0)
+        results.append(_result(model, sha, run_doc, facts, options, python, remote_dir, rel_of[("model", sha)],
+                               eval_path, eval_sha, sent, upload_s, lock, transport, started_at, started,
+                               list(warnings), act, progress))
+    return results
+
+
+def _result(model: Path, model_sha: str, run_doc: dict[str, Any], facts: dict[str, Any], options: DeployOptions,
+            python: str, remote_dir: str, model_rel: str, eval_path: Optional[Path], eval_sha: Optional[str],
+            sent: dict[str, int], upload_s: float, lock: "DeviceLock", transport: Transport, started_at: str,
+            started: float, warnings: list[str], activation: dict[str, Any],
+            progress: Optional[ProgressCallback]) -> DeployResult:
+    host = transport.host
     device_eval = run_doc.get("eval")
     agreement = None
     if eval_path and options.reference and device_eval:
@@ -612,7 +669,7 @@ def deploy(model_path: str | Path, options: DeployOptions = DeployOptions(),
     evaluation = None
     if device_eval:
         evaluation = {k: v for k, v in device_eval.items() if k != "outputs"}
-        evaluation.update({"data": str(eval_path), "sha256": _sha256_file(eval_path)} if eval_path else {})
+        evaluation.update({"data": str(eval_path), "sha256": eval_sha} if eval_path else {})
     device = {k: v for k, v in facts.items() if k not in ("ok", "mode", "have", "runner_version", "activation")}
     runtime = dict(run_doc.get("runtime", {}))
     runtime["threads"] = options.threads
@@ -625,7 +682,7 @@ def deploy(model_path: str | Path, options: DeployOptions = DeployOptions(),
     return DeployResult(
         host=host,
         model={"name": model.name, "sha256": model_sha, "bytes": model.stat().st_size,
-               "remote_path": f"{remote_dir}/{rels['model']}"},
+               "remote_path": f"{remote_dir}/{model_rel}"},
         device=device,
         runtime=runtime,
         latency_ms=LatencyStats.from_samples(run_doc.get("samples_ms", [])),
@@ -638,7 +695,8 @@ def deploy(model_path: str | Path, options: DeployOptions = DeployOptions(),
         agreement=agreement,
         transfer={"model_bytes_sent": sent.get("model", 0), "eval_bytes_sent": sent.get("eval", 0),
                   "runner_bytes_sent": sent.get("runner", 0), "seconds": round(upload_s, 3),
-                  "uploaded": sorted(sent), "connect_attempts": getattr(transport, "connect_attempts", None),
+                  "uploaded": sorted(k for k, v in sent.items() if v),
+                  "connect_attempts": getattr(transport, "connect_attempts", None),
                   "stale_temp_files_removed": lock.swept},
         settings=settings,
         started_at=started_at,
@@ -687,4 +745,4 @@ def rollback(options: DeployOptions = DeployOptions(), progress: Optional[Progre
 
 
 __all__ = ["DEFAULT_REMOTE_DIR", "DeployOptions", "DeployResult", "DeviceLock", "LatencyStats", "RollbackResult",
-           "SSHOptions", "acquire_lock", "deploy", "host_reference", "release_lock", "rollback", "runner_source"]
+           "SSHOptions", "acquire_lock", "deploy", "host_reference", "measure_models", "release_lock", "rollback", "runner_source"]

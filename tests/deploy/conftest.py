@@ -69,3 +69,18 @@ def tree(path: Path) -> list[str]:
     if not path.exists():
         return []
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+FLEET_DATA = Path(__file__).resolve().parent.parent / "fleet" / "data"
+
+
+@pytest.fixture(scope="session")
+def model_a() -> Path:
+    """A tiny valid int8 model (checked in)."""
+    return FLEET_DATA / "tiny_a.tflite"
+
+
+@pytest.fixture(scope="session")
+def model_b() -> Path:
+    """Another tiny valid int8 model, different bytes."""
+    return FLEET_DATA / "tiny_b.tflite"
