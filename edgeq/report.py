@@ -2,11 +2,23 @@
 
 ``compare()`` puts several reports side by side (int8 vs float, Pi 4 vs Pi 5).
 Everything here returns text or writes files; nothing prints.
+
+A report holds strings and numbers from a device, and a ``report.json`` given
+to ``edgeq report`` may come from anyone, so:
+
+* every file is written with ``edgeq.safeio.atomic_write`` (exclusive temp
+  file, then rename: a planted symlink is replaced, never written through);
+* HTML is built only with ``edgeq.escape.tag``/``html`` (escaped unless it is
+  markup built here), Markdown cells go through ``md``, and terminal lines
+  through ``one_line`` (numbers formatted here are the only text that skips
+  escaping, marked by the ``_Fmt`` type);
+* ``load_report`` bounds the file size, refuses NaN/Infinity and checks the
+  type of every field the renderers read, so a crafted file is a one-line
+  ``InputError``, not a traceback.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import re
@@ -16,8 +28,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from edgeq.errors import InputError
+from edgeq.escape import Html, html, html_join, md, one_line, tag
+from edgeq.safeio import atomic_write
 
 ReportLike = Union[dict, "Any"]  # a report.json document or a DeployResult
+
+MAX_REPORT_BYTES = 16 * 1024 * 1024  # a report of 100k latency samples is ~2 MiB
+MAX_DEPTH = 32  # nesting of a report document (real ones are 4 deep)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -32,12 +49,199 @@ class ReportPaths:
     html: Path
 
 
+# -------------------------------------------------------- reading values safely
+
+
 def _doc(result: ReportLike) -> dict:
-    return result if isinstance(result, dict) else result.to_dict()
+    doc = result if isinstance(result, dict) else result.to_dict()
+    return doc if isinstance(doc, dict) else {}
+
+
+def _d(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _num(value: Any) -> Optional[float]:
+    """A finite real number, or None (bools, strings, NaN and infinities are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _text(value: Any, limit: int = 200) -> str:
+    """Untrusted text for the terminal: one line, control characters escaped, bounded."""
+    return "-" if value is None else one_line(value, limit)
 
 
 def _safe(text: str, limit: int = 40) -> str:
     return (_SAFE.sub("_", text).strip("._-") or "x")[:limit]
+
+
+# ------------------------------------------------------------------ validation
+
+_NUM, _INT, _STR, _BOOL = "number", "integer", "string", "boolean"
+
+# The fields the renderers read, with their types; None is allowed everywhere,
+# other keys may hold any JSON. ``[T]`` is a list of T.
+_SCHEMA: dict[str, Any] = {
+    "host": _STR, "name": _STR, "status": _STR, "error": _STR, "edgeq_version": _STR, "started_at": _STR,
+    "duration_s": _NUM,
+    "model": {"name": _STR, "sha256": _STR, "bytes": _INT},
+    "latency_ms": {**{k: _NUM for k in ("min", "p50", "p90", "p99", "mean", "std", "max")}, "count": _INT,
+                   "samples": [_NUM]},
+    "load_ms": _NUM, "first_inference_ms": _NUM, "peak_rss_bytes": _NUM, "accuracy": _NUM, "mae": _NUM,
+    "eval": {"samples": _INT},
+    "agreement": {"top1": _NUM, "host_accuracy": _NUM, "max_abs_diff": _NUM, "max_abs_diff_steps": _NUM,
+                  "samples": _INT, "reference_runtime": _STR, "reference_version": _STR, "error": _STR},
+    "device": {**{k: _STR for k in ("arch", "cpu_model", "board", "os", "kernel", "python", "numpy",
+                                    "cpu_governor", "vcgencmd_temp")},
+               "cpu_cores": _INT, "mem_total_bytes": _NUM, "mem_available_bytes": _NUM,
+               "thermal_zones": [{"celsius": _NUM, "type": _STR}], "throttling": {"raw": _STR},
+               "disk": {"free_bytes": _NUM}, "emulation": {"emulated": _BOOL}},
+    "runtime": {"name": _STR, "version": _STR, "threads": _INT, "xnnpack": _BOOL},
+    "transfer": {"model_bytes_sent": _NUM},
+    "activation": {"active": _STR},
+    "warnings": [_STR],
+}
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return kind == _NUM or isinstance(value, int)
+
+
+def _validate(value: Any, schema: Any, where: str, problems: list[str]) -> None:
+    if value is None or len(problems) >= 5:
+        return
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected an object, got {type(value).__name__}")
+            return
+        for key, sub in schema.items():
+            _validate(value.get(key), sub, f"{where}.{key}" if where else key, problems)
+    elif isinstance(schema, list):
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {type(value).__name__}")
+            return
+        for i, item in enumerate(value):
+            _validate(item, schema[0], f"{where}[{i}]", problems)
+            if len(problems) >= 5:
+                return
+    elif not _type_ok(value, schema):
+        problems.append(f"{where}: expected {'a' if schema != _INT else 'an'} {schema}, got {_kind(value)}")
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", str: "a string", dict: "an object", list: "a list", int: "an integer",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _depth(doc: Any) -> int:
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        value, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > MAX_DEPTH:
+            return d
+        if isinstance(value, dict):
+            stack.extend((v, d + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, d + 1) for v in value)
+    return deepest
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range for a number")
+    return value
+
+
+def check_report(doc: Any, where: str = "report.json") -> dict:
+    """Check the shape of a report document; raise ``InputError`` naming the first bad fields."""
+    if not isinstance(doc, dict):
+        raise InputError(f"{where} is not an edgeq report (a JSON object), it holds {_kind(doc)}",
+                         "pass a directory written by `edgeq deploy`")
+    if _depth(doc) > MAX_DEPTH:
+        raise InputError(f"{where} is nested more than {MAX_DEPTH} levels deep; it is not an edgeq report")
+    problems: list[str] = []
+    _validate(doc, _SCHEMA, "", problems)
+    if problems:
+        raise InputError(f"{where} is not a valid edgeq report: " + "; ".join(one_line(p, 200) for p in problems),
+                         "regenerate it with `edgeq deploy`")
+    return doc
+
+
+def load_report(directory: str | Path) -> dict:
+    """Read and validate ``report.json`` from a report directory (or the file itself)."""
+    path = Path(directory)
+    if path.is_dir():
+        path = path / "report.json"
+    if not path.is_file():
+        raise InputError(f"no report.json in {directory}", hint="pass a directory written by `edgeq deploy`")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_REPORT_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_REPORT_BYTES:
+        raise InputError(f"{path} is larger than {MAX_REPORT_BYTES // (1024 * 1024)} MiB; it is not an edgeq report")
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constants, parse_float=_finite_float)
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text; it is not an edgeq report") from None
+    except RecursionError:
+        raise InputError(f"{path} is nested too deeply; it is not an edgeq report") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity
+        raise InputError(f"cannot read {path}: {one_line(exc, 200)}") from None
+    check_report(doc, str(path))
+    if doc.get("status") in ("failed", "timeout"):
+        raise InputError(f"{path}: the deploy to {_text(doc.get('name'), 80)} {doc['status']}: "
+                         f"{_text(doc.get('error'), 500)}")
+    if "latency_ms" not in doc:
+        raise InputError(f"{path} is not an edgeq deploy report (no latency_ms)")
+    return doc
+
+
+# --------------------------------------------------------------------- writing
+
+
+def _json_text(doc: Any) -> str:
+    """JSON without NaN/Infinity (which JSON does not have): they are written as null."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(doc), indent=2, default=str, allow_nan=False) + "\n"
+
+
+def _mkdir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the report directory {directory}: {exc.strerror or exc}",
+                         hint="choose another directory with -o") from None
 
 
 def default_report_dir(result: ReportLike, base: str | Path = "reports") -> Path:
@@ -45,7 +249,7 @@ def default_report_dir(result: ReportLike, base: str | Path = "reports") -> Path
     doc = _doc(result)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     host = _safe(str(doc.get("host", "device")).split("@")[-1])
-    model = _safe(Path(str(doc.get("model", {}).get("name", "model"))).stem)
+    model = _safe(Path(str(_d(doc.get("model")).get("name", "model"))).stem)
     return Path(base) / f"{stamp}-{host}-{model}"
 
 
@@ -53,93 +257,84 @@ def write_report(result: ReportLike, out_dir: str | Path | None = None) -> Repor
     """Write report.json, report.md and report.html into ``out_dir`` (created if needed)."""
     doc = _doc(result)
     directory = Path(out_dir) if out_dir else default_report_dir(doc)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = ReportPaths(directory, directory / "report.json", directory / "report.md", directory / "report.html")
-        _atomic_write(paths.json, json.dumps(doc, indent=2) + "\n")
-        _atomic_write(paths.markdown, render_markdown(doc))
-        _atomic_write(paths.html, render_html(doc))
-    except OSError as exc:
-        raise InputError(f"cannot write the report to {directory}: {exc.strerror or exc}",
-                         hint="choose another directory with -o") from None
+    _mkdir(directory)
+    paths = ReportPaths(directory, directory / "report.json", directory / "report.md", directory / "report.html")
+    atomic_write(paths.json, _json_text(doc))
+    atomic_write(paths.markdown, render_markdown(doc))
+    atomic_write(paths.html, render_html(doc))
     return paths
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def load_report(directory: str | Path) -> dict:
-    """Read ``report.json`` from a report directory (or the file itself)."""
-    path = Path(directory)
-    if path.is_dir():
-        path = path / "report.json"
-    if not path.is_file():
-        raise InputError(f"no report.json in {directory}", hint="pass a directory written by `edgeq deploy`")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
-    if isinstance(doc, dict) and doc.get("status") in ("failed", "timeout"):
-        raise InputError(f"{path}: the deploy to {doc.get('name', '?')} {doc['status']}: {doc.get('error')}")
-    if not isinstance(doc, dict) or "latency_ms" not in doc:
-        raise InputError(f"{path} is not an edgeq deploy report (no latency_ms)")
-    return doc
 
 
 # ------------------------------------------------------------------ formatting
 
 
-def _ms(v: Optional[float]) -> str:
+class _Fmt(str):
+    """Text composed here from constants and checked numbers: the only text that skips escaping."""
+
+    __slots__ = ()
+
+
+def _ms(v: Any) -> _Fmt:
+    v = _num(v)
     if v is None:
-        return "-"
+        return _Fmt("-")
     if v < 0.1:
-        return f"{v * 1000:.1f} µs"
+        return _Fmt(f"{v * 1000:.1f} µs")
     if v < 10:
-        return f"{v:.3f} ms"
-    return f"{v:.1f} ms"
+        return _Fmt(f"{v:.3f} ms")
+    return _Fmt(f"{v:.1f} ms")
 
 
-def _pct(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v * 100:.2f} %"
+def _pct(v: Any) -> _Fmt:
+    v = _num(v)
+    return _Fmt("-" if v is None else f"{v * 100:.2f} %")
 
 
-def _bytes(v: Optional[float]) -> str:
+def _bytes(v: Any) -> _Fmt:
+    v = _num(v)
     if v is None:
-        return "-"
+        return _Fmt("-")
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(v) < 1024 or unit == "GiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+            return _Fmt(f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}")
         v /= 1024
-    return str(v)
+    return _Fmt(str(v))
+
+
+def _g(v: Any, spec: str = ".4g") -> _Fmt:
+    v = _num(v)
+    return _Fmt("-" if v is None else format(v, spec))
+
+
+def _int(v: Any) -> _Fmt:
+    v = _num(v)
+    return _Fmt("-" if v is None else str(int(v)))
 
 
 def _temp(dev: dict) -> str:
     if dev.get("vcgencmd_temp"):
         return str(dev["vcgencmd_temp"]).replace("temp=", "")
-    zones = dev.get("thermal_zones") or []
-    return ", ".join(f"{z['celsius']:.1f} °C ({z.get('type') or z.get('zone')})" for z in zones[:2]) or "-"
+    zones = [z for z in _list(dev.get("thermal_zones"))[:2] if isinstance(z, dict) and _num(z.get("celsius")) is not None]
+    return ", ".join(f"{_num(z['celsius']):.1f} °C ({z.get('type') or z.get('zone')})" for z in zones) or "-"
 
 
 def _throttle(dev: dict) -> str:
-    t = dev.get("throttling")
+    t = _d(dev.get("throttling"))
     if not t:
         return "-"
-    flags = [k for k, v in t.items() if v is True]
+    flags = [str(k) for k, v in t.items() if v is True]
     return f"{t.get('raw', '')} " + (", ".join(flags) if flags else "none")
 
 
 def device_facts(doc: dict) -> list[tuple[str, str]]:
-    """The device facts table rows (label, value)."""
-    dev = doc.get("device", {})
-    rt = doc.get("runtime", {})
-    emu = dev.get("emulation") or {}
+    """The device facts table rows (label, value); values are untrusted text."""
+    dev = _d(doc.get("device"))
+    rt = _d(doc.get("runtime"))
+    emu = _d(dev.get("emulation"))
     return [
         ("Host", str(doc.get("host", "-"))),
         ("Board / CPU", " / ".join(str(v) for v in (dev.get("board"), dev.get("cpu_model")) if v) or "-"),
-        ("Architecture", f"{dev.get('arch', '-')}" + (" (emulated)" if emu.get("emulated") else "")),
+        ("Architecture", f"{dev.get('arch', '-')}" + (" (emulated)" if emu.get("emulated") is True else "")),
         ("Cores", str(dev.get("cpu_cores", "-"))),
         ("OS", f"{dev.get('os', '-')} (kernel {dev.get('kernel', '-')})"),
         ("Python / numpy", f"{dev.get('python', '-')} / {dev.get('numpy', '-')}"),
@@ -149,91 +344,107 @@ def device_facts(doc: dict) -> list[tuple[str, str]]:
         ("CPU governor", str(dev.get("cpu_governor") or "-")),
         ("Temperature", _temp(dev)),
         ("Throttling", _throttle(dev)),
-        ("Disk free", _bytes((dev.get("disk") or {}).get("free_bytes"))),
+        ("Disk free", _bytes(_d(dev.get("disk")).get("free_bytes"))),
     ]
 
 
 def summary_lines(result: ReportLike) -> list[str]:
-    """A short, readable summary of one report for the terminal."""
+    """A short, readable summary of one report for the terminal (untrusted text on one line each)."""
     doc = _doc(result)
-    lat = doc.get("latency_ms", {})
-    rt = doc.get("runtime", {})
-    model = doc.get("model", {})
-    dev = doc.get("device", {})
+    lat = _d(doc.get("latency_ms"))
+    rt = _d(doc.get("runtime"))
+    model = _d(doc.get("model"))
+    dev = _d(doc.get("device"))
     lines = [
-        f"{model.get('name', 'model')} on {doc.get('host')} ({dev.get('arch', '?')}, {dev.get('cpu_model') or '?'}): "
-        f"{rt.get('name')} {rt.get('version')}, XNNPACK {'on' if rt.get('xnnpack') else 'off'}, "
-        f"threads {rt.get('threads') or 'default'}",
+        f"{_text(model.get('name', 'model'), 120)} on {_text(doc.get('host'), 120)} ({_text(dev.get('arch', '?'), 40)}, "
+        f"{_text(dev.get('cpu_model') or '?', 80)}): {_text(rt.get('name'), 40)} {_text(rt.get('version'), 40)}, "
+        f"XNNPACK {'on' if rt.get('xnnpack') else 'off'}, threads {_text(rt.get('threads') or 'default', 20)}",
         f"  latency  p50 {_ms(lat.get('p50'))}  p90 {_ms(lat.get('p90'))}  p99 {_ms(lat.get('p99'))}  "
-        f"(min {_ms(lat.get('min'))}, mean {_ms(lat.get('mean'))} ± {_ms(lat.get('std'))}, {lat.get('count', 0)} runs)",
+        f"(min {_ms(lat.get('min'))}, mean {_ms(lat.get('mean'))} ± {_ms(lat.get('std'))}, "
+        f"{_int(lat.get('count', 0))} runs)",
         f"  load {_ms(doc.get('load_ms'))}, first inference {_ms(doc.get('first_inference_ms'))}, "
         f"peak RSS {_bytes(doc.get('peak_rss_bytes'))}",
     ]
-    if (dev.get("emulation") or {}).get("emulated"):
+    if _d(dev.get("emulation")).get("emulated") is True:
         lines.append("  emulated device (qemu): accuracy carries over to real hardware, latency does not")
-    ev = doc.get("eval") or {}
-    if doc.get("accuracy") is not None:
-        lines.append(f"  accuracy {_pct(doc['accuracy'])} top-1 on {ev.get('samples', '?')} samples (on the device)")
-    elif doc.get("mae") is not None:
-        lines.append(f"  MAE {doc['mae']:.5g} on {ev.get('samples', '?')} samples (on the device)")
-    ag = doc.get("agreement")
+    ev = _d(doc.get("eval"))
+    samples = _int(ev.get("samples")) if ev.get("samples") is not None else "?"
+    if _num(doc.get("accuracy")) is not None:
+        lines.append(f"  accuracy {_pct(doc['accuracy'])} top-1 on {samples} samples (on the device)")
+    elif _num(doc.get("mae")) is not None:
+        lines.append(f"  MAE {_g(doc['mae'], '.5g')} on {samples} samples (on the device)")
+    ag = _d(doc.get("agreement"))
     if ag:
         if ag.get("error"):
-            lines.append(f"  agreement with host: not measured ({ag['error']})")
+            lines.append(f"  agreement with host: not measured ({_text(ag['error'], 300)})")
         else:
-            host_acc = f", host accuracy {_pct(ag.get('host_accuracy'))}" if ag.get("host_accuracy") is not None else ""
-            top1 = f"top-1 {_pct(ag.get('top1'))}, " if ag.get("top1") is not None else ""
-            lines.append(f"  agreement with host {ag.get('reference_runtime')} {ag.get('reference_version')}: "
-                         f"{top1}max |diff| {ag.get('max_abs_diff'):.4g}{host_acc}")
-    tr = doc.get("transfer", {})
-    lines.append(f"  sent {_bytes(tr.get('model_bytes_sent', 0))} of model"
-                 + (" (already on the device)" if not tr.get("model_bytes_sent") else ""))
-    for w in doc.get("warnings", []):
-        lines.append(f"  warning: {w}")
+            host_acc = f", host accuracy {_pct(ag.get('host_accuracy'))}" if _num(ag.get("host_accuracy")) is not None else ""
+            top1 = f"top-1 {_pct(ag.get('top1'))}, " if _num(ag.get("top1")) is not None else ""
+            lines.append(f"  agreement with host {_text(ag.get('reference_runtime'), 40)} "
+                         f"{_text(ag.get('reference_version'), 40)}: {top1}max |diff| {_g(ag.get('max_abs_diff'))}"
+                         f"{host_acc}")
+    tr = _d(doc.get("transfer"))
+    sent = _num(tr.get("model_bytes_sent")) or 0
+    lines.append(f"  sent {_bytes(sent)} of model" + (" (already on the device)" if not sent else ""))
+    for w in _list(doc.get("warnings"))[:50]:
+        lines.append(f"  warning: {_text(w, 300)}")
     return lines
 
 
+# -------------------------------------------------------------------- markdown
+
+
+def _md(value: Any) -> str:
+    return str(value) if isinstance(value, _Fmt) else md(value)
+
+
+def _md_row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(_md(c) for c in cells) + " |"
+
+
 def render_markdown(result: ReportLike) -> str:
-    """``report.md``: summary, latency table, accuracy, device facts."""
+    """``report.md``: summary, latency table, accuracy, device facts (every value made inert)."""
     doc = _doc(result)
-    lat = doc.get("latency_ms", {})
-    model = doc.get("model", {})
-    out = [f"# edgeq deploy report: {model.get('name')} on {doc.get('host')}", "",
-           f"edgeq {doc.get('edgeq_version')}, {doc.get('started_at')}; model sha256 `{model.get('sha256')}` "
-           f"({model.get('bytes')} bytes)", "",
+    lat = _d(doc.get("latency_ms"))
+    model = _d(doc.get("model"))
+    out = [f"# edgeq deploy report: {md(model.get('name'))} on {md(doc.get('host'))}", "",
+           f"edgeq {md(doc.get('edgeq_version'))}, {md(doc.get('started_at'))}; model sha256 "
+           f"{md(model.get('sha256'))} ({_int(model.get('bytes'))} bytes)", "",
            "## Latency", "", "| min | p50 | p90 | p99 | mean | std | runs | load | first inference | peak RSS |",
            "|---|---|---|---|---|---|---|---|---|---|",
-           f"| {_ms(lat.get('min'))} | {_ms(lat.get('p50'))} | {_ms(lat.get('p90'))} | {_ms(lat.get('p99'))} | "
-           f"{_ms(lat.get('mean'))} | {_ms(lat.get('std'))} | {lat.get('count')} | {_ms(doc.get('load_ms'))} | "
-           f"{_ms(doc.get('first_inference_ms'))} | {_bytes(doc.get('peak_rss_bytes'))} |", ""]
-    ev = doc.get("eval")
+           _md_row([_ms(lat.get("min")), _ms(lat.get("p50")), _ms(lat.get("p90")), _ms(lat.get("p99")),
+                    _ms(lat.get("mean")), _ms(lat.get("std")), _int(lat.get("count")), _ms(doc.get("load_ms")),
+                    _ms(doc.get("first_inference_ms")), _bytes(doc.get("peak_rss_bytes"))]), ""]
+    ev = _d(doc.get("eval"))
     if ev:
-        ag = doc.get("agreement") or {}
+        ag = _d(doc.get("agreement"))
         out += ["## Accuracy on the device", "", "| metric | value |", "|---|---|",
-                f"| samples | {ev.get('samples')} |"]
-        if doc.get("accuracy") is not None:
-            out.append(f"| top-1 accuracy (device) | {_pct(doc.get('accuracy'))} |")
-        if doc.get("mae") is not None:
-            out.append(f"| MAE (device) | {doc.get('mae'):.5g} |")
-        if ag.get("host_accuracy") is not None:
-            out.append(f"| top-1 accuracy (host {ag.get('reference_runtime')}) | {_pct(ag.get('host_accuracy'))} |")
-        if ag.get("top1") is not None:
-            out.append(f"| top-1 agreement device vs host | {_pct(ag.get('top1'))} |")
-        if ag.get("max_abs_diff") is not None:
-            out.append(f"| max abs output difference | {ag.get('max_abs_diff'):.4g} |")
+                _md_row([_Fmt("samples"), _int(ev.get("samples"))])]
+        if _num(doc.get("accuracy")) is not None:
+            out.append(_md_row([_Fmt("top-1 accuracy (device)"), _pct(doc.get("accuracy"))]))
+        if _num(doc.get("mae")) is not None:
+            out.append(_md_row([_Fmt("MAE (device)"), _g(doc.get("mae"), ".5g")]))
+        if _num(ag.get("host_accuracy")) is not None:
+            label = _Fmt(f"top-1 accuracy (host {md(ag.get('reference_runtime'))})")
+            out.append(_md_row([label, _pct(ag.get("host_accuracy"))]))
+        if _num(ag.get("top1")) is not None:
+            out.append(_md_row([_Fmt("top-1 agreement device vs host"), _pct(ag.get("top1"))]))
+        if _num(ag.get("max_abs_diff")) is not None:
+            out.append(_md_row([_Fmt("max abs output difference"), _g(ag.get("max_abs_diff"))]))
         if ag.get("error"):
-            out.append(f"| agreement | not measured: {ag['error']} |")
+            out.append(_md_row([_Fmt("agreement"), _Fmt("not measured: " + md(ag["error"]))]))
         out.append("")
     out += ["## Device", "", "| fact | value |", "|---|---|"]
-    out += [f"| {k} | {v.replace('|', '/')} |" for k, v in device_facts(doc)]
-    if doc.get("warnings"):
-        out += ["", "## Warnings", ""] + [f"- {w}" for w in doc["warnings"]]
+    out += [_md_row([_Fmt(k), v]) for k, v in device_facts(doc)]  # labels are ours, values the device's
+    warnings = _list(doc.get("warnings"))
+    if warnings:
+        out += ["", "## Warnings", ""] + [f"- {md(w)}" for w in warnings[:50]]
     return "\n".join(out) + "\n"
 
 
-# --------------------------------------------------------------------- charts
+# ------------------------------------------------------------------------ HTML
 
-_CSS = """
+_CSS = Html("""
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;background:#fff}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:16px;margin:24px 0 8px;color:#333}
 .sub{color:#667;font-size:13px;margin-bottom:16px}
@@ -243,139 +454,147 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:16px;margin:24px 0 8px;color:#333
 table{border-collapse:collapse;font-size:13px} td,th{border-bottom:1px solid #e4e8ef;padding:4px 10px;text-align:left}
 th{background:#f1f4f9} .charts{display:flex;flex-wrap:wrap;gap:18px} svg{background:#fbfcfe;border:1px solid #e4e8ef}
 .warn{color:#a15c00}
-"""
+""")
+
+_SVG_NS = "http://www.w3.org/2000/svg"
 
 
-def _svg_histogram(samples: Sequence[float], width: int = 520, height: int = 240) -> str:
+def _svg(width: Any, height: Any, aria: str, *children: Any) -> Html:
+    return tag("svg", *children, xmlns=_SVG_NS, width=width, height=height, role="img", aria_label=aria)
+
+
+def _text_el(x: Any, y: Any, content: Any, size: int = 11, anchor: Optional[str] = None,
+             weight: Optional[str] = None) -> Html:
+    return tag("text", content, x=x, y=y, font_size=size, text_anchor=anchor, font_weight=weight)
+
+
+def _f1(v: float) -> str:
+    return f"{v:.1f}"
+
+
+def _samples(lat: dict) -> list[float]:
+    return [v for v in (_num(s) for s in _list(lat.get("samples"))) if v is not None]
+
+
+def _svg_histogram(samples: Sequence[float], width: int = 520, height: int = 240) -> Html:
     if not samples:
-        return "<p>no samples</p>"
+        return tag("p", "no samples")
     s = sorted(samples)
     lo = s[0]
     hi = s[min(len(s) - 1, int(len(s) * 0.995))]
     if hi <= lo:
-        hi = lo + max(lo * 0.01, 1e-6)
+        hi = lo + max(abs(lo) * 0.01, 1e-6)
     nb = 30
     counts = [0] * nb
     for v in samples:
-        i = int((v - lo) / (hi - lo) * nb)
+        i = int((v - lo) / (hi - lo) * nb) if math.isfinite((v - lo) / (hi - lo) * nb) else nb - 1
         counts[min(max(i, 0), nb - 1)] += 1
     top = max(counts) or 1
     pl, pb, pt = 50, 30, 20
     w, h = width - pl - 10, height - pb - pt
     bw = w / nb
-    bars = "".join(
-        f'<rect x="{pl + i * bw:.1f}" y="{pt + h - c / top * h:.1f}" width="{bw - 1:.1f}" '
-        f'height="{c / top * h:.1f}" fill="#3b7dd8"><title>{c} runs</title></rect>'
-        for i, c in enumerate(counts))
-    axis = (f'<line x1="{pl}" y1="{pt + h}" x2="{pl + w}" y2="{pt + h}" stroke="#889"/>'
-            f'<text x="{pl}" y="{height - 8}" font-size="11">{html.escape(_ms(lo))}</text>'
-            f'<text x="{pl + w}" y="{height - 8}" font-size="11" text-anchor="end">{html.escape(_ms(hi))}</text>'
-            f'<text x="{pl - 6}" y="{pt + 10}" font-size="11" text-anchor="end">{top}</text>'
-            f'<text x="{pl + w / 2}" y="{height - 8}" font-size="11" text-anchor="middle">latency (runs above p99.5 '
-            f'in the last bin)</text>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-            f'aria-label="latency histogram"><text x="{pl}" y="14" font-size="12" font-weight="600">Latency '
-            f'distribution</text>{bars}{axis}</svg>')
+    bars = [tag("rect", tag("title", f"{c} runs"), x=_f1(pl + i * bw), y=_f1(pt + h - c / top * h),
+                width=_f1(bw - 1), height=_f1(c / top * h), fill="#3b7dd8") for i, c in enumerate(counts)]
+    return _svg(width, height, "latency histogram",
+                _text_el(pl, 14, "Latency distribution", 12, weight="600"), *bars,
+                tag("line", x1=pl, y1=pt + h, x2=pl + w, y2=pt + h, stroke="#889"),
+                _text_el(pl, height - 8, _ms(lo)), _text_el(pl + w, height - 8, _ms(hi), anchor="end"),
+                _text_el(pl - 6, pt + 10, top, anchor="end"),
+                _text_el(pl + w / 2, height - 8, "latency (runs above p99.5 in the last bin)", anchor="middle"))
 
 
-def _svg_series(samples: Sequence[float], width: int = 520, height: int = 240) -> str:
+def _svg_series(samples: Sequence[float], width: int = 520, height: int = 240) -> Html:
     if not samples:
-        return "<p>no samples</p>"
+        return tag("p", "no samples")
     n = len(samples)
     buckets = min(n, 400)
     pts = []
     for b in range(buckets):
         chunk = sorted(samples[b * n // buckets:(b + 1) * n // buckets] or [samples[-1]])
         pts.append(chunk[len(chunk) // 2])
-    lo = min(pts)
-    hi = max(pts)
+    lo, hi = min(pts), max(pts)
     if hi <= lo:
-        hi = lo + max(lo * 0.01, 1e-6)
+        hi = lo + max(abs(lo) * 0.01, 1e-6)
     pl, pb, pt = 50, 30, 20
     w, h = width - pl - 10, height - pb - pt
     xy = " ".join(f"{pl + i / max(buckets - 1, 1) * w:.1f},{pt + h - (v - lo) / (hi - lo) * h:.1f}"
                   for i, v in enumerate(pts))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-            f'aria-label="latency over the run"><text x="{pl}" y="14" font-size="12" font-weight="600">Latency over '
-            f'the run (median per bucket of {max(n // buckets, 1)} runs)</text>'
-            f'<polyline fill="none" stroke="#d8613b" stroke-width="1.5" points="{xy}"/>'
-            f'<line x1="{pl}" y1="{pt + h}" x2="{pl + w}" y2="{pt + h}" stroke="#889"/>'
-            f'<text x="{pl - 4}" y="{pt + 10}" font-size="11" text-anchor="end">{html.escape(_ms(hi))}</text>'
-            f'<text x="{pl - 4}" y="{pt + h}" font-size="11" text-anchor="end">{html.escape(_ms(lo))}</text>'
-            f'<text x="{pl}" y="{height - 8}" font-size="11">run 1</text>'
-            f'<text x="{pl + w}" y="{height - 8}" font-size="11" text-anchor="end">run {n}</text></svg>')
+    return _svg(width, height, "latency over the run",
+                _text_el(pl, 14, f"Latency over the run (median per bucket of {max(n // buckets, 1)} runs)", 12,
+                         weight="600"),
+                tag("polyline", fill="none", stroke="#d8613b", stroke_width="1.5", points=xy),
+                tag("line", x1=pl, y1=pt + h, x2=pl + w, y2=pt + h, stroke="#889"),
+                _text_el(pl - 4, pt + 10, _ms(hi), anchor="end"), _text_el(pl - 4, pt + h, _ms(lo), anchor="end"),
+                _text_el(pl, height - 8, "run 1"), _text_el(pl + w, height - 8, f"run {n}", anchor="end"))
 
 
-def _svg_bars(items: Sequence[tuple[str, float]], title: str, width: int = 520) -> str:
-    rows = [(k, v) for k, v in items if v is not None and not math.isnan(v)]
+def _svg_bars(items: Sequence[tuple[str, Any]], title: str, width: int = 520) -> Html:
+    rows = [(k, _num(v)) for k, v in items if _num(v) is not None]
     if not rows:
-        return ""
+        return Html("")
     height = 30 + 28 * len(rows)
     pl = 250
     w = width - pl - 60
-    body = "".join(
-        f'<text x="{pl - 8}" y="{40 + i * 28}" font-size="12" text-anchor="end">{html.escape(k)}</text>'
-        f'<rect x="{pl}" y="{27 + i * 28}" width="{max(v, 0) * w:.1f}" height="18" fill="#2e9e6a"/>'
-        f'<rect x="{pl}" y="{27 + i * 28}" width="{w}" height="18" fill="none" stroke="#ccd"/>'
-        f'<text x="{pl + w + 6}" y="{40 + i * 28}" font-size="12">{v * 100:.1f} %</text>'
-        for i, (k, v) in enumerate(rows))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-            f'aria-label="{html.escape(title)}"><text x="10" y="16" font-size="12" font-weight="600">'
-            f'{html.escape(title)}</text>{body}</svg>')
+    body = []
+    for i, (k, v) in enumerate(rows):
+        body += [_text_el(pl - 8, 40 + i * 28, k, 12, anchor="end"),
+                 tag("rect", x=pl, y=27 + i * 28, width=_f1(min(max(v, 0), 1) * w), height=18, fill="#2e9e6a"),
+                 tag("rect", x=pl, y=27 + i * 28, width=w, height=18, fill="none", stroke="#ccd"),
+                 _text_el(pl + w + 6, 40 + i * 28, _pct(v), 12)]
+    return _svg(width, height, title, _text_el(10, 16, title, 12, weight="600"), *body)
 
 
-def _table(rows: Sequence[Sequence[str]], header: Optional[Sequence[str]] = None) -> str:
-    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table>{head}{body}</table>"
+def _table(rows: Sequence[Sequence[Any]], header: Optional[Sequence[Any]] = None) -> Html:
+    head = [tag("tr", *[tag("th", h) for h in header])] if header else []
+    body = [tag("tr", *[tag("td", c) for c in r]) for r in rows]
+    return tag("table", *head, *body)
 
 
-def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
+def _page(title: str, *body: Any) -> str:
+    head = tag("head", Html('<meta charset="utf-8">'), tag("title", title), tag("style", _CSS))
+    return "<!DOCTYPE html>" + tag("html", head, tag("body", *body), lang="en") + "\n"
 
 
 def render_html(result: ReportLike) -> str:
     """A self-contained ``report.html``: cards, latency charts, accuracy/agreement, device facts."""
     doc = _doc(result)
-    lat = doc.get("latency_ms", {})
-    model = doc.get("model", {})
-    samples = lat.get("samples") or []
-    ag = doc.get("agreement") or {}
+    lat = _d(doc.get("latency_ms"))
+    model = _d(doc.get("model"))
+    samples = _samples(lat)
+    ag = _d(doc.get("agreement"))
     cards = [("p50", _ms(lat.get("p50"))), ("p90", _ms(lat.get("p90"))), ("p99", _ms(lat.get("p99"))),
              ("load", _ms(doc.get("load_ms"))), ("first inference", _ms(doc.get("first_inference_ms"))),
              ("peak RSS", _bytes(doc.get("peak_rss_bytes")))]
-    if doc.get("accuracy") is not None:
+    if _num(doc.get("accuracy")) is not None:
         cards.append(("top-1 accuracy", _pct(doc.get("accuracy"))))
-    if ag.get("top1") is not None:
+    if _num(ag.get("top1")) is not None:
         cards.append(("agreement with host", _pct(ag.get("top1"))))
-    cards_html = "".join(f'<div class="card"><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>'
-                         for k, v in cards)
+    card_els = [tag("div", tag("b", v), tag("span", k), class_="card") for k, v in cards]
     acc_chart = _svg_bars([("accuracy on the device", doc.get("accuracy")),
                            (f"accuracy on the host ({ag.get('reference_runtime') or '-'})", ag.get("host_accuracy")),
                            ("top-1 agreement device/host", ag.get("top1"))], "Accuracy and agreement")
     stats = _table([[_ms(lat.get(k)) for k in ("min", "p50", "p90", "p99", "mean", "std", "max")]
-                    + [str(lat.get("count", len(samples)))]],
+                    + [_int(lat.get("count", len(samples)))]],
                    ["min", "p50", "p90", "p99", "mean", "std", "max", "runs"])
-    extra = ""
-    if ag and ag.get("max_abs_diff") is not None:
-        extra = (f"<p>Largest output difference device vs host: {ag['max_abs_diff']:.4g}"
-                 + (f" ({ag['max_abs_diff_steps']} quantization steps)" if ag.get("max_abs_diff_steps") is not None
-                    else "") + f" over {ag.get('samples')} samples.</p>")
+    extra: Any = ""
+    if _num(ag.get("max_abs_diff")) is not None:
+        steps = _num(ag.get("max_abs_diff_steps"))
+        extra = tag("p", f"Largest output difference device vs host: {_g(ag['max_abs_diff'])}"
+                    + (f" ({_g(steps)} quantization steps)" if steps is not None else "")
+                    + f" over {_int(ag.get('samples'))} samples.")
     elif ag.get("error"):
-        extra = f"<p class=\"warn\">Agreement not measured: {html.escape(ag['error'])}</p>"
-    warns = "".join(f'<p class="warn">warning: {html.escape(w)}</p>' for w in doc.get("warnings", []))
-    body = (
-        f"<h1>{html.escape(str(model.get('name')))} on {html.escape(str(doc.get('host')))}</h1>"
-        f"<div class=\"sub\">edgeq {html.escape(str(doc.get('edgeq_version')))} · {html.escape(str(doc.get('started_at')))}"
-        f" · sha256 {html.escape(str(model.get('sha256', ''))[:16])}… · {model.get('bytes')} bytes · model bytes sent "
-        f"{(doc.get('transfer') or {}).get('model_bytes_sent', 0)}</div>"
-        f"<div class=\"cards\">{cards_html}</div>{warns}"
-        f"<h2>Latency</h2>{stats}<div class=\"charts\">{_svg_histogram(samples)}{_svg_series(samples)}</div>"
-        + (f"<h2>Accuracy</h2>{acc_chart}{extra}" if acc_chart or extra else "")
-        + f"<h2>Device</h2>{_table(device_facts(doc))}"
-    )
-    return _page(f"edgeq report: {model.get('name')} on {doc.get('host')}", body)
+        extra = tag("p", "Agreement not measured: ", ag["error"], class_="warn")
+    warns = [tag("p", "warning: ", w, class_="warn") for w in _list(doc.get("warnings"))[:50]]
+    sub = html_join([f"edgeq {doc.get('edgeq_version')} · {doc.get('started_at')} · sha256 "
+                     f"{str(model.get('sha256', ''))[:16]}… · {_int(model.get('bytes'))} bytes · model bytes sent "
+                     f"{_int(_d(doc.get('transfer')).get('model_bytes_sent', 0))}"])
+    body = [tag("h1", f"{model.get('name')} on {doc.get('host')}"), tag("div", sub, class_="sub"),
+            tag("div", *card_els, class_="cards"), *warns,
+            tag("h2", "Latency"), stats, tag("div", _svg_histogram(samples), _svg_series(samples), class_="charts")]
+    if acc_chart or extra:
+        body += [tag("h2", "Accuracy"), acc_chart, extra]
+    body += [tag("h2", "Device"), _table(device_facts(doc))]
+    return _page(f"edgeq report: {model.get('name')} on {doc.get('host')}", *body)
 
 
 # ------------------------------------------------------------------ comparison
@@ -395,11 +614,11 @@ class Comparison:
                 "rows": [{"measure": k, "values": list(v)} for k, v in self.rows]}
 
     def table(self) -> str:
-        """A plain-text table for the terminal."""
+        """A plain-text table for the terminal (cells on one line, control characters escaped)."""
         head = ("", *self.labels)
-        data = [head] + [(k, *v) for k, v in self.rows]
-        widths = [max(len(str(r[i])) for r in data) for i in range(len(head))]
-        lines = ["  ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in data]
+        data = [tuple(one_line(c, 80) for c in r) for r in [head] + [(k, *v) for k, v in self.rows]]
+        widths = [max(len(r[i]) for r in data) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in data]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
@@ -407,52 +626,51 @@ class Comparison:
         """A self-contained HTML page comparing the reports."""
         if len(self.reports) == 1:
             return render_html(self.reports[0])
-        pct = [(lab, r.get("latency_ms", {})) for lab, r in zip(self.labels, self.reports)]
+        pct = [(lab, _d(r.get("latency_ms"))) for lab, r in zip(self.labels, self.reports)]
         svg = _percentile_bars(pct, label_width=200, label_chars=30, aria="latency comparison",
                                title="Latency percentiles")
         table = _table([[k, *v] for k, v in self.rows], ["", *self.labels])
-        body = f"<h1>edgeq: {len(self.reports)} reports side by side</h1>{table}<h2>Latency</h2>{svg}"
-        return _page("edgeq comparison", body)
+        return _page("edgeq comparison", tag("h1", f"edgeq: {len(self.reports)} reports side by side"), table,
+                     tag("h2", "Latency"), svg)
 
 
 def _percentile_bars(items: Sequence[tuple[str, dict]], label_width: int, label_chars: int, aria: str,
-                     title: str | None = None) -> str:
+                     title: str | None = None) -> Html:
     """An inline SVG with p50/p90/p99 bars per labelled latency summary, on one shared scale."""
-    top = max((lat.get("p99") or 0) for _, lat in items) or 1.0
+    top = max((max(_num(lat.get(k)) or 0.0 for k in ("p50", "p90", "p99")) for _, lat in items), default=0.0) or 1.0
     width, pl = 640, label_width
     w = width - pl - 90
-    parts = []
+    parts: list[Html] = []
     if title:
-        parts.append(f'<text x="10" y="16" font-size="12" font-weight="600">{html.escape(title)}</text>')
+        parts.append(_text_el(10, 16, title, 12, weight="600"))
     y = 30
     for label, lat in items:
         for k, color in (("p50", "#3b7dd8"), ("p90", "#7aa6e6"), ("p99", "#b8cff2")):
-            v = lat.get(k) or 0
-            parts.append(f'<text x="{pl - 8}" y="{y + 12}" font-size="11" text-anchor="end">'
-                         f'{html.escape(str(label)[:label_chars])} {k}</text><rect x="{pl}" y="{y}" '
-                         f'width="{v / top * w:.1f}" height="14" fill="{color}"/><text '
-                         f'x="{pl + v / top * w + 4:.1f}" y="{y + 12}" font-size="11">{html.escape(_ms(v))}</text>')
+            v = max(_num(lat.get(k)) or 0.0, 0.0)
+            parts += [_text_el(pl - 8, y + 12, f"{str(label)[:label_chars]} {k}", anchor="end"),
+                      tag("rect", x=pl, y=y, width=_f1(v / top * w), height=14, fill=color),
+                      _text_el(_f1(pl + v / top * w + 4), y + 12, _ms(v))]
             y += 18
         y += 8
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y + 10}" role="img" '
-            f'aria-label="{html.escape(aria)}">{"".join(parts)}</svg>')
+    return _svg(width, y + 10, aria, *parts)
+
 
 def compare(report_dirs: Sequence[str | Path]) -> Comparison:
     """Load one or more report directories and line them up."""
     if not report_dirs:
         raise InputError("no report directories given")
     docs = tuple(load_report(d) for d in report_dirs)
-    labels = []
+    labels: list[str] = []
     for d, doc in zip(report_dirs, docs):
-        name = f"{doc.get('model', {}).get('name', '?')} @ {str(doc.get('host', '?')).split('@')[-1]}"
-        labels.append(name if name not in labels else f"{name} ({Path(d).name})")
+        name = one_line(f"{_d(doc.get('model')).get('name', '?')} @ {str(doc.get('host', '?')).split('@')[-1]}", 60)
+        labels.append(name if name not in labels else f"{name} ({one_line(Path(d).name, 40)})")
 
     def col(fn) -> tuple[str, ...]:
         out = []
         for doc in docs:
             try:
-                out.append(fn(doc))
-            except (KeyError, TypeError, ValueError):
+                out.append(one_line(fn(doc), 80))
+            except (KeyError, TypeError, ValueError, AttributeError):
                 out.append("-")
         return tuple(out)
 
@@ -464,16 +682,24 @@ def compare(report_dirs: Sequence[str | Path]) -> Comparison:
         ("threads / XNNPACK", col(lambda d: f"{d['runtime'].get('threads') or 'default'} / "
                                             f"{'on' if d['runtime'].get('xnnpack') else 'off'}")),
         *[(f"latency {k}", col(lambda d, k=k: _ms(d["latency_ms"][k]))) for k in ("p50", "p90", "p99", "mean")],
-        ("runs", col(lambda d: str(d["latency_ms"].get("count", len(d["latency_ms"].get("samples", [])))))),
+        ("runs", col(lambda d: _int(d["latency_ms"].get("count", len(_list(d["latency_ms"].get("samples"))))))),
         ("load", col(lambda d: _ms(d["load_ms"]))),
         ("first inference", col(lambda d: _ms(d["first_inference_ms"]))),
         ("peak RSS", col(lambda d: _bytes(d["peak_rss_bytes"]))),
         ("accuracy", col(lambda d: _pct(d.get("accuracy")))),
-        ("agreement top-1", col(lambda d: _pct((d.get("agreement") or {}).get("top1")))),
+        ("agreement top-1", col(lambda d: _pct(_d(d.get("agreement")).get("top1")))),
         ("temperature", col(lambda d: _temp(d["device"]))),
         ("governor", col(lambda d: str(d["device"].get("cpu_governor") or "-"))),
     ]
     return Comparison(tuple(str(d) for d in report_dirs), tuple(labels), tuple(rows), docs)
+
+
+def write_comparison(comparison: Comparison, path: str | Path) -> Path:
+    """Write ``comparison.html()`` to ``path`` atomically (parent directories created)."""
+    target = Path(path)
+    if str(target.parent):
+        _mkdir(target.parent)
+    return atomic_write(target, comparison.html())
 
 
 # ----------------------------------------------------------------------- fleets
@@ -498,46 +724,45 @@ def write_fleet_report(result: Any, out_dir: str | Path) -> FleetReportPaths:
     directory = Path(out_dir)
     summary = result.to_dict()
     host_dirs = []
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        for host in result.hosts:
-            d = directory / host.name  # names were validated by plan_fleet
-            host_dirs.append(d)
-            if host.ok and hasattr(host.result, "latency_ms"):
-                doc = host.result.to_dict()
-                doc["name"] = host.name
-                doc["status"] = "ok"
-                write_report(doc, d)
-            else:
-                d.mkdir(parents=True, exist_ok=True)
-                doc = {"edgeq_version": summary["edgeq_version"], **host.summary(), "model": summary.get("model")}
-                _atomic_write(d / "report.json", json.dumps(doc, indent=2, default=str) + "\n")
-        paths = FleetReportPaths(directory, directory / "summary.json", directory / "summary.html", tuple(host_dirs))
-        _atomic_write(paths.summary_json, json.dumps(summary, indent=2, default=str) + "\n")
-        _atomic_write(paths.summary_html, render_fleet_html(summary))
-    except OSError as exc:
-        raise InputError(f"cannot write the fleet report to {directory}: {exc.strerror or exc}",
-                         hint="choose another directory with -o") from None
+    _mkdir(directory)
+    for host in result.hosts:
+        d = directory / host.name  # names were validated by plan_fleet
+        host_dirs.append(d)
+        if host.ok and hasattr(host.result, "latency_ms"):
+            doc = host.result.to_dict()
+            doc["name"] = host.name
+            doc["status"] = "ok"
+            write_report(doc, d)
+        else:
+            _mkdir(d)
+            doc = {"edgeq_version": summary["edgeq_version"], **host.summary(), "model": summary.get("model")}
+            atomic_write(d / "report.json", _json_text(doc))
+    paths = FleetReportPaths(directory, directory / "summary.json", directory / "summary.html", tuple(host_dirs))
+    atomic_write(paths.summary_json, _json_text(summary))
+    atomic_write(paths.summary_html, render_fleet_html(summary))
     return paths
 
 
 def fleet_rows(summary: dict) -> list[list[str]]:
-    """One row per host: name, status, p50, p90, p99, accuracy, runtime, device, active model, reason."""
+    """One row per host: name, status, p50, p90, p99, accuracy, runtime, device, active model, reason.
+
+    Cells are on one line with control characters escaped (safe for a terminal; HTML escapes them again)."""
     rows = []
-    for h in summary.get("hosts", []):
-        lat = h.get("latency_ms") or {}
-        rt = h.get("runtime") or {}
-        dev = h.get("device") or {}
-        act = h.get("activation") or {}
+    for h in _list(_d(summary).get("hosts")):
+        h = _d(h)
+        lat = _d(h.get("latency_ms"))
+        rt = _d(h.get("runtime"))
+        dev = _d(h.get("device"))
+        act = _d(h.get("activation"))
         active = act.get("active") or h.get("active")
         rows.append([
-            str(h.get("name")), str(h.get("status")),
+            _text(h.get("name"), 60), _text(h.get("status"), 20),
             _ms(lat.get("p50")) if lat else "-", _ms(lat.get("p90")) if lat else "-",
             _ms(lat.get("p99")) if lat else "-", _pct(h.get("accuracy")),
-            f"{rt.get('name')} {rt.get('version')}" if rt else "-",
-            f"{dev.get('arch') or '-'} py{dev.get('python') or '?'}" if dev else "-",
-            str(active)[:12] if active else "-",
-            str(h.get("error") or "")[:160],
+            _text(f"{rt.get('name')} {rt.get('version')}", 60) if rt else "-",
+            _text(f"{dev.get('arch') or '-'} py{dev.get('python') or '?'}", 60) if dev else "-",
+            _text(str(active)[:12], 12) if active else "-",
+            one_line(h.get("error") or "", 160),
         ])
     return rows
 
@@ -547,25 +772,26 @@ FLEET_HEADER = ["host", "status", "p50", "p90", "p99", "accuracy", "runtime", "d
 
 def render_fleet_html(summary: dict) -> str:
     """A self-contained page comparing the hosts of a fleet deploy."""
-    counts = summary.get("counts", {})
-    model = summary.get("model") or {}
-    rows = fleet_rows(summary)
-    table = _table(rows, FLEET_HEADER)
-    ok = [(h["name"], h.get("latency_ms") or {}) for h in summary.get("hosts", []) if h.get("latency_ms")]
-    svg = ""
+    counts = _d(summary.get("counts"))
+    model = _d(summary.get("model"))
+    table = _table(fleet_rows(summary), FLEET_HEADER)
+    ok = [(_text(h.get("name"), 60), _d(h.get("latency_ms"))) for h in map(_d, _list(summary.get("hosts")))
+          if h.get("latency_ms")]
+    parts: list[Any] = []
     if ok:
-        svg = "<h2>Latency by host</h2>" + _percentile_bars(ok, label_width=160, label_chars=24,
-                                                            aria="latency by host")
-    head = (f"<h1>edgeq fleet {html.escape(str(summary.get('action', 'deploy')))}: "
-            f"{counts.get('ok', 0)} of {counts.get('hosts', 0)} hosts ok</h1>"
-            f"<p>model {html.escape(str(model.get('name', '-')))} sha256 "
-            f"{html.escape(str(model.get('sha256', '-'))[:16])}, {html.escape(_bytes(model.get('bytes')))}; "
-            f"{counts.get('failed', 0)} failed, {counts.get('timeout', 0)} timed out; "
-            f"{summary.get('seconds', 0):.1f} s with {summary.get('forks')} forks; "
-            f"started {html.escape(str(summary.get('started_at', '')))}</p>")
-    return _page("edgeq fleet summary", head + table + svg)
+        parts = [tag("h2", "Latency by host"),
+                 _percentile_bars(ok, label_width=160, label_chars=24, aria="latency by host")]
+    seconds = _num(summary.get("seconds")) or 0.0
+    head = [tag("h1", f"edgeq fleet {summary.get('action', 'deploy')}: {_int(counts.get('ok', 0))} of "
+                      f"{_int(counts.get('hosts', 0))} hosts ok"),
+            tag("p", f"model {model.get('name', '-')} sha256 {str(model.get('sha256', '-'))[:16]}, "
+                     f"{_bytes(model.get('bytes'))}; {_int(counts.get('failed', 0))} failed, "
+                     f"{_int(counts.get('timeout', 0))} timed out; {seconds:.1f} s with "
+                     f"{_int(summary.get('forks'))} forks; started {summary.get('started_at', '')}")]
+    return _page("edgeq fleet summary", *head, table, *parts)
 
 
-__all__ = ["ReportPaths", "Comparison", "write_report", "load_report", "compare", "render_html",
-           "render_markdown", "summary_lines", "device_facts", "default_report_dir", "FleetReportPaths",
-           "write_fleet_report", "render_fleet_html", "fleet_rows", "FLEET_HEADER"]
+__all__ = ["ReportPaths", "Comparison", "write_report", "load_report", "check_report", "compare", "write_comparison",
+           "render_html", "render_markdown", "summary_lines", "device_facts", "default_report_dir",
+           "FleetReportPaths", "write_fleet_report", "render_fleet_html", "fleet_rows", "FLEET_HEADER",
+           "MAX_REPORT_BYTES"]
