@@ -1,0 +1,510 @@
+"""Staged rollouts with a health gate: canaries first, then batches; a host that fails its gate reverts by itself.
+
+The stages, for each batch in turn (the canaries are batch 1):
+
+1. deploy: ``edgeq.fleet_deploy.deploy_fleet`` on the batch's hosts (upload,
+   verify, measure, activate; every host within its deadline);
+2. gate: on each host that deployed, under the device lock, the model is run
+   from ``REMOTE_DIR/current/model.tflite`` -- the path an application loads --
+   and must load, infer, reach ``gate_accuracy`` on the eval data and stay
+   under ``gate_p99_ms``;
+3. revert: a host that fails its gate switches back to the model that was
+   active before this rollout (``current`` <-> ``previous``), in the same run,
+   and reports ``reverted`` with the reason; a revert that fails is reported
+   as ``revert_failed``;
+4. stop: when the hosts that failed so far (failed, timed out, reverted, gate
+   failed) exceed ``max_fail_pct`` of the hosts started so far, no further
+   batch starts; the remaining hosts are ``not_started``.
+
+Statuses: ``ok``, ``failed``, ``timeout`` (the deploy), ``reverted``,
+``gate_failed`` (the gate failed and there was nothing to revert to: the model
+was already active before the rollout), ``revert_failed``, ``not_started``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from edgeq import __version__
+from edgeq.deploy import DeployResult, acquire_lock, release_lock, runner_source
+from edgeq.errors import ConnectError, DeviceError, DeviceProtocolError, UsageError
+from edgeq.fleet import run_fleet
+from edgeq.fleet_deploy import FleetHost, FleetOptions, FleetTarget, deploy_fleet, plan_fleet
+from edgeq.inventory import InventoryHost
+from edgeq.progress import ProgressCallback, report
+from edgeq.transport import Transport, make_transport
+
+FAILED_STATUSES = ("failed", "timeout", "reverted", "gate_failed", "revert_failed")
+_BATCH_RE = re.compile(r"^\s*(\d+)\s*(%?)\s*$")
+_MAX_DOC = 16 << 20  # a gate document larger than this is not a runner document
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    """How to stage a rollout: ``canary`` hosts first, then batches of ``batch`` (a count or ``"25%"``)."""
+
+    fleet: FleetOptions = field(default_factory=FleetOptions)
+    canary: int = 0
+    batch: Optional[str] = None  # "N" hosts or "P%" of all hosts (floor, at least 1); None: all the rest at once
+    max_fail_pct: float = 0.0  # stop when failed hosts exceed this share of the hosts started so far
+    gate_accuracy: Optional[float] = None  # minimum on-device accuracy on the eval data, 0..1
+    gate_p99_ms: Optional[float] = None  # maximum p99 latency of the gate run, ms
+
+    @property
+    def gated(self) -> bool:
+        """Every rollout has the smoke gate (load + infer from ``current``); these add thresholds."""
+        return self.gate_accuracy is not None or self.gate_p99_ms is not None
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The health gate on one host: what ran from ``current`` and whether it passed."""
+
+    passed: bool
+    reasons: tuple[str, ...]
+    active: Optional[str]  # sha256 that ``current`` pointed at when the gate ran
+    accuracy: Optional[float]
+    p99_ms: Optional[float]
+    runs: int
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reasons": list(self.reasons), "active": self.active,
+                "accuracy": self.accuracy, "p99_ms": self.p99_ms, "runs": self.runs, "path": self.path}
+
+
+@dataclass(frozen=True)
+class RevertResult:
+    """What a revert after a failed gate did: ``ok`` and the model active afterwards."""
+
+    ok: bool
+    active: Optional[str]
+    previous: Optional[str]
+    error: Optional[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "active": self.active, "previous": self.previous, "error": self.error}
+
+
+@dataclass(frozen=True)
+class RolloutHost:
+    """One host's outcome in the rollout (``result`` is its ``DeployResult`` when the deploy got that far)."""
+
+    name: str
+    target: str
+    status: str
+    batch: Optional[int]
+    error: Optional[str] = None
+    error_type: Optional[str] = None
+    seconds: float = 0.0
+    result: Optional[DeployResult] = None
+    gate: Optional[GateResult] = None
+    revert: Optional[RevertResult] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def summary(self) -> dict[str, Any]:
+        """The host's row in ``summary.json``: the fleet row plus batch, gate and revert."""
+        row = FleetHost(self.name, self.target, self.status, self.error, self.error_type, self.seconds,
+                        self.result).summary()
+        row["status"] = self.status
+        row["batch"] = self.batch
+        row["gate"] = self.gate.to_dict() if self.gate else None
+        row["revert"] = self.revert.to_dict() if self.revert else None
+        if self.revert is not None and self.revert.ok:
+            row["activation"] = {**(row.get("activation") or {}), "active": self.revert.active,
+                                 "previous": self.revert.previous, "reverted": True}
+        return row
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """One batch: its hosts and what happened to them."""
+
+    index: int
+    kind: str  # "canary" or "batch"
+    hosts: tuple[str, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RolloutResult:
+    """Every host's outcome in inventory order; ``to_dict()`` is ``summary.json``."""
+
+    model: dict[str, Any]
+    hosts: tuple[RolloutHost, ...]
+    batches: tuple[RolloutBatch, ...]
+    options: RolloutOptions
+    stopped: bool
+    stop_reason: Optional[str]
+    seconds: float
+    started_at: str
+    edgeq_version: str = __version__
+    action: str = "rollout"
+
+    @property
+    def ok(self) -> bool:
+        return all(h.ok for h in self.hosts)
+
+    @property
+    def forks(self) -> int:
+        return self.options.fleet.forks
+
+    def count(self, status: str) -> int:
+        return sum(1 for h in self.hosts if h.status == status)
+
+    def to_dict(self) -> dict[str, Any]:
+        statuses = ("ok", "failed", "timeout", "reverted", "gate_failed", "revert_failed", "not_started")
+        o = self.options
+        return {
+            "edgeq_version": self.edgeq_version, "action": self.action, "started_at": self.started_at,
+            "seconds": round(self.seconds, 3), "forks": self.forks, "model": self.model,
+            "counts": {"hosts": len(self.hosts), **{s: self.count(s) for s in statuses}},
+            "rollout": {
+                "canary": o.canary, "batch": o.batch, "max_fail_pct": o.max_fail_pct,
+                "gate": {"accuracy_min": o.gate_accuracy, "p99_ms_max": o.gate_p99_ms, "smoke": True,
+                         "path": "REMOTE_DIR/current/model.tflite"},
+                "stopped": self.stopped, "stop_reason": self.stop_reason,
+                "batches": [{"index": b.index, "kind": b.kind, "hosts": list(b.hosts), "seconds": round(b.seconds, 3),
+                             "counts": {s: sum(1 for h in self.hosts if h.batch == b.index and h.status == s)
+                                        for s in statuses if s != "not_started"}}
+                            for b in self.batches],
+            },
+            "hosts": [h.summary() for h in self.hosts],
+        }
+
+
+# ----------------------------------------------------------------- planning
+
+
+def parse_batch(value: Optional[str | int], total: int) -> Optional[int]:
+    """``"3"`` -> 3 hosts, ``"25%"`` -> a quarter of ``total`` (rounded down, at least 1, as Ansible's ``serial``)."""
+    if value is None:
+        return None
+    m = _BATCH_RE.match(str(value))
+    if not m:
+        raise UsageError(f"--batch {value!r} is neither a host count nor a percentage", hint="use e.g. 2 or 25%")
+    n = int(m.group(1))
+    if m.group(2):
+        if not 0 < n <= 100:
+            raise UsageError(f"--batch {value!r}: a percentage must be 1-100%")
+        return max(1, int(n / 100.0 * total))
+    if n < 1:
+        raise UsageError(f"--batch {value!r}: at least 1 host per batch")
+    return n
+
+
+def plan_batches(names: Sequence[str], canary: int, batch: Optional[str | int]) -> tuple[tuple[str, ...], ...]:
+    """Split hosts (in order) into the canary batch and the batches after it."""
+    if canary < 0:
+        raise UsageError(f"--canary {canary}: cannot be negative")
+    names = list(names)
+    size = parse_batch(batch, len(names))
+    out: list[tuple[str, ...]] = []
+    if canary:
+        out.append(tuple(names[:canary]))
+        names = names[canary:]
+    step = size or len(names) or 1
+    for i in range(0, len(names), step):
+        out.append(tuple(names[i:i + step]))
+    return tuple(b for b in out if b)
+
+
+def _validate(options: RolloutOptions) -> None:
+    d = options.fleet.deploy
+    if not d.activate:
+        raise UsageError("a rollout activates the model; --no-activate does not go with --canary, --batch or a gate")
+    if options.gate_accuracy is not None:
+        if not (0.0 <= options.gate_accuracy <= 1.0) or math.isnan(options.gate_accuracy):
+            raise UsageError(f"--gate-accuracy {options.gate_accuracy}: a fraction from 0 to 1 (as in report.json)")
+        if not d.eval_data:
+            raise UsageError("--gate-accuracy needs --eval DATA.npz (the accuracy is measured on the device)")
+    if options.gate_p99_ms is not None and not (options.gate_p99_ms > 0 and math.isfinite(options.gate_p99_ms)):
+        raise UsageError(f"--gate-p99-ms {options.gate_p99_ms}: must be a positive number of milliseconds")
+    if not (0.0 <= options.max_fail_pct <= 100.0):
+        raise UsageError(f"--max-fail {options.max_fail_pct}: a percentage from 0 to 100")
+
+
+# --------------------------------------------------------------------- gate
+
+
+def _runner_doc(tr: Transport, argv: list[str], timeout: float, what: str) -> dict[str, Any]:
+    """Run the runner (sent on stdin) and return its one JSON document, validated as a dict."""
+    res = tr.run(argv, timeout, stdin=runner_source(), check=False)
+    if res.signal:
+        return {"ok": False, "error": f"the runner was killed by {res.signal} while {what}", "kind": "crash"}
+    text = res.stdout.strip()
+    if not text or len(text) > _MAX_DOC:
+        raise DeviceProtocolError(f"the runner on {tr.host} gave no result while {what} "
+                                  f"(exit status {res.exit_status}): {res.tail(3)}", host=tr.host)
+    try:
+        doc = json.loads(text.splitlines()[-1])
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
+        raise DeviceProtocolError(f"the runner on {tr.host} answered with something that is not a runner document "
+                                  f"while {what}", host=tr.host)
+    return doc
+
+
+def _finite(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _sha_or_none(value: Any) -> Optional[str]:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value
+    return None
+
+
+def _p99(samples: Any) -> Optional[float]:
+    if not isinstance(samples, list) or not samples:
+        return None
+    vals = [_finite(s) for s in samples]
+    if any(v is None for v in vals):
+        return None
+    import numpy as np
+
+    return float(np.percentile(np.asarray(vals, dtype=np.float64), 99))
+
+
+def check_gate(tr: Transport, python: str, remote_dir: str, expected: str, eval_remote: Optional[str],
+               options: RolloutOptions, timeout: float) -> GateResult:
+    """Run the model from ``REMOTE_DIR/current`` and judge it against the gate (caller holds the lock)."""
+    path = f"{remote_dir}/current/model.tflite"
+    probe = _runner_doc(tr, [python, "-", "probe", "--dir", remote_dir], timeout, "reading the active model")
+    act = probe.get("activation") if isinstance(probe.get("activation"), dict) else {}
+    active = _sha_or_none(act.get("current"))
+    if active != expected:
+        return GateResult(False, (f"current is {str(active)[:12]}, not the deployed {expected[:12]} "
+                                  "(another deploy switched it)",), active, None, None, 0, path)
+    d = options.fleet.deploy
+    argv = [python, "-", "run", "--model", path]
+    if options.gate_p99_ms is not None:
+        argv += ["--runs", str(d.runs), "--warmup", str(d.warmup), "--min-seconds", repr(float(d.min_seconds)),
+                 "--min-warmup-seconds", repr(float(d.min_warmup_seconds)), "--max-runs", str(d.max_runs)]
+    else:
+        argv.append("--eval-only")  # load + first inference (+ eval): no timing loop needed
+    if eval_remote:
+        argv += ["--eval", eval_remote]
+    if d.threads:
+        argv += ["--threads", str(d.threads)]
+    if not d.xnnpack:
+        argv.append("--no-xnnpack")
+    doc = _runner_doc(tr, argv, d.run_timeout, "running the health gate")
+    if not doc["ok"]:
+        reason = str(doc.get("error") or "the runner failed")[:300]
+        return GateResult(False, (f"smoke run from current failed: {reason}",), active, None, None, 0, path)
+    reasons = []
+    accuracy = _finite((doc.get("eval") or {}).get("accuracy")) if isinstance(doc.get("eval"), dict) else None
+    samples = doc.get("samples_ms")
+    p99 = _p99(samples)
+    if options.gate_accuracy is not None:
+        if accuracy is None:
+            reasons.append("no accuracy measured on the device (labels missing or not a classifier)")
+        elif accuracy < options.gate_accuracy:
+            reasons.append(f"accuracy {accuracy:.4f} < {options.gate_accuracy:g}")
+    if options.gate_p99_ms is not None:
+        if p99 is None:
+            reasons.append("no latency samples from the gate run")
+        elif p99 > options.gate_p99_ms:
+            reasons.append(f"p99 {p99:.3f} ms > {options.gate_p99_ms:g} ms")
+    runs = len(samples) if isinstance(samples, list) else 0
+    return GateResult(not reasons, tuple(reasons), active, accuracy, p99, runs, path)
+
+
+def revert(tr: Transport, python: str, remote_dir: str, token: str, timeout: float) -> RevertResult:
+    """Swap ``current`` and ``previous`` back (the caller holds the lock with ``token``)."""
+    try:
+        doc = _runner_doc(tr, [python, "-", "rollback", "--dir", remote_dir, "--token", token], timeout, "reverting")
+    except DeviceError as exc:
+        return RevertResult(False, None, None, str(exc))
+    if not doc["ok"]:
+        return RevertResult(False, None, None, str(doc.get("error") or "the rollback failed")[:300])
+    return RevertResult(True, _sha_or_none(doc.get("active")), _sha_or_none(doc.get("previous")), None)
+
+
+@dataclass(frozen=True)
+class _GateOutcome:
+    gate: Optional[GateResult]
+    revert: Optional[RevertResult]
+    status: str
+    error: Optional[str]
+
+
+def _gate_host(target: FleetTarget, result: DeployResult, options: RolloutOptions, tr: Transport,
+               progress: Optional[ProgressCallback]) -> _GateOutcome:
+    d = target.options
+    python = d.device_python()
+    remote_dir = str(result.settings.get("remote_dir") or d.remote_dir)
+    sha = str(result.model["sha256"])
+    ev = result.evaluation or {}
+    eval_remote = f"{remote_dir}/data/{ev['sha256']}/eval.npz" if ev.get("sha256") else None
+    switched = bool((result.activation or {}).get("switched"))
+    name = target.name
+    with tr:
+        report(progress, "gate", f"health gate from {remote_dir}/current", host=name)
+        lock = acquire_lock(tr, python, remote_dir, d, sha)
+        link_lost = False
+        try:
+            gate = check_gate(tr, python, lock.remote_dir, sha, eval_remote, options, d.probe_timeout)
+            if gate.passed:
+                return _GateOutcome(gate, None, "ok", None)
+            why = "; ".join(gate.reasons)
+            if gate.active != sha:
+                return _GateOutcome(gate, None, "failed", f"gate not run: {why}")
+            if not switched:
+                return _GateOutcome(gate, None, "gate_failed",
+                                    f"failed its gate ({why}); it was already active before this rollout, "
+                                    "so there is nothing to revert to")
+            report(progress, "revert", f"gate failed ({why}); reverting", host=name)
+            rev = revert(tr, python, lock.remote_dir, lock.token, d.probe_timeout)
+            if rev.ok:
+                return _GateOutcome(gate, rev, "reverted",
+                                    f"failed its gate ({why}); reverted to {str(rev.active)[:12]}")
+            return _GateOutcome(gate, rev, "revert_failed",
+                                f"REVERT FAILED: failed its gate ({why}) and could not revert ({rev.error}); "
+                                f"the failing model {sha[:12]} may still be active: run `edgeq rollback` "
+                                "on this host")
+        except ConnectError:
+            link_lost = True
+            raise
+        finally:
+            if not link_lost:
+                release_lock(tr, python, lock, d.cleanup_timeout)
+
+
+class _GateJob:
+    def __init__(self, target: FleetTarget, result: DeployResult) -> None:
+        self.target = target
+        self.result = result
+        self.transport: Optional[Transport] = None
+        self.lock = threading.Lock()
+        self.cancelled = False
+
+    def make_transport(self) -> Transport:
+        with self.lock:
+            if self.cancelled:
+                raise ConnectError(f"the gate on {self.target.name} was cancelled", host=self.target.name)
+            self.transport = make_transport(self.target.options.host, self.target.options.ssh)
+            return self.transport
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            tr = self.transport
+        if tr is not None:
+            tr.cancel()
+
+
+def _gate_deadline(options: RolloutOptions) -> float:
+    d = options.fleet.deploy
+    connect = d.ssh.connect_timeout * 3 * (1 + max(0, d.ssh.connect_retries))
+    return connect + 4 * d.probe_timeout + d.run_timeout + d.cleanup_timeout + 30
+
+
+def _gate_batch(deployed: Sequence[tuple[FleetTarget, DeployResult]], options: RolloutOptions,
+                progress: Optional[ProgressCallback]) -> dict[str, tuple[str, Optional[str], Optional[str], Any]]:
+    """Gate every deployed host of a batch in parallel: name -> (status, error, error_type, _GateOutcome)."""
+    jobs = [_GateJob(t, r) for t, r in deployed]
+
+    def work(job: _GateJob) -> _GateOutcome:
+        return _gate_host(job.target, job.result, options, job.make_transport(), progress)
+
+    run = run_fleet(jobs, lambda j: j.target.name, work, forks=options.fleet.forks,
+                    deadline_s=_gate_deadline(options), cancel=lambda j: j.cancel())
+    out: dict[str, tuple[str, Optional[str], Optional[str], Any]] = {}
+    for o in run.outcomes:
+        if o.ok:
+            g = o.result
+            out[o.host] = (g.status, g.error, "GateFailed" if g.status != "ok" else None, g)
+        else:
+            # The gate could not be checked: the model stays active but is not proven healthy.
+            out[o.host] = ("failed" if o.status == "failed" else "timeout",
+                           f"health gate not checked: {o.error}", o.error_type, None)
+    return out
+
+
+# ------------------------------------------------------------------ rollout
+
+
+def rollout(model_path: str | Path, hosts: Sequence[InventoryHost], options: RolloutOptions = RolloutOptions(),
+            progress: Optional[ProgressCallback] = None) -> RolloutResult:
+    """Deploy ``model_path`` batch by batch, gate every host, revert the ones that fail, stop when too many fail."""
+    from edgeq.deploy import _check_model, _sha256_file
+
+    started = time.monotonic()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    model = Path(model_path)
+    _check_model(model)
+    _validate(options)
+    targets = {t.name: t for t in plan_fleet(hosts, options.fleet.deploy)}  # every value checked before anything runs
+    by_name = {h.name: h for h in hosts}
+    order = [h.name for h in hosts]
+    batches = plan_batches(order, options.canary, options.batch)
+    info = {"name": model.name, "sha256": _sha256_file(model), "bytes": model.stat().st_size}
+
+    outcome: dict[str, RolloutHost] = {}
+    done_batches: list[RolloutBatch] = []
+    stopped = False
+    stop_reason: Optional[str] = None
+    for index, names in enumerate(batches, start=1):
+        kind = "canary" if options.canary and index == 1 else "batch"
+        t0 = time.monotonic()
+        for n in names:
+            report(progress, "batch", f"{kind} {index} of {len(batches)}", host=n)
+        fleet = deploy_fleet(model, [by_name[n] for n in names], options.fleet, progress)
+        deployed = [(targets[h.name], h.result) for h in fleet.hosts if h.ok]
+        gates = _gate_batch(deployed, options, progress) if deployed else {}
+        for h in fleet.hosts:
+            if not h.ok:
+                outcome[h.name] = RolloutHost(h.name, h.target, h.status, index, h.error, h.error_type, h.seconds)
+                continue
+            status, error, etype, g = gates[h.name]
+            outcome[h.name] = RolloutHost(h.name, h.target, status, index, error, etype, h.seconds, h.result,
+                                          g.gate if g else None, g.revert if g else None)
+            if progress is not None:
+                report(progress, "done" if status == "ok" else "failed", error or "ok, gate passed", host=h.name)
+        done_batches.append(RolloutBatch(index, kind, tuple(names), time.monotonic() - t0))
+        started_n = len(outcome)
+        failed_n = sum(1 for r in outcome.values() if r.status in FAILED_STATUSES)
+        pct = 100.0 * failed_n / started_n if started_n else 0.0
+        if index < len(batches) and failed_n and pct > options.max_fail_pct:
+            stopped = True
+            stop_reason = (f"stopped after {kind} {index}: {failed_n} of {started_n} hosts failed "
+                           f"({pct:.0f}% > --max-fail {options.max_fail_pct:g}%)")
+            break
+    for n in order:
+        if n not in outcome:
+            outcome[n] = RolloutHost(n, targets[n].target, "not_started", None,
+                                     stop_reason and f"not started: {stop_reason}", None)
+            report(progress, "not_started", "not started (rollout stopped)", host=n)
+    return RolloutResult(info, tuple(outcome[n] for n in order), tuple(done_batches), options, stopped, stop_reason,
+                         time.monotonic() - started, started_at)
+
+
+def exit_status(result: RolloutResult) -> int:
+    """The documented exit code for a rollout: 0 ok, 4 a host failed, 7 a gate failed, 8 a revert failed."""
+    if result.count("revert_failed"):
+        return 8
+    if result.count("reverted") or result.count("gate_failed"):
+        return 7
+    if not result.ok:
+        return 4
+    return 0
+
+
+__all__ = ["FAILED_STATUSES", "GateResult", "RevertResult", "RolloutBatch", "RolloutHost", "RolloutOptions",
+           "RolloutResult", "check_gate", "exit_status", "parse_batch", "plan_batches", "revert", "rollout"]
