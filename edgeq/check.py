@@ -22,6 +22,8 @@ from edgeq.tflite_file import Operator, Subgraph, TfliteModel
 # buffers the host's reference kernels do not.
 DEFAULT_ARENA_MARGIN = 0.20
 
+_KERNEL_NAMES = {"xnnpack": "XNNPACK", "cmsis-nn": "CMSIS-NN", "esp-nn": "ESP-NN"}
+
 # Ops that only move or reinterpret data: no kernel worth accelerating.
 _DATA_MOVEMENT = frozenset({
     "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "SHAPE", "QUANTIZE", "DEQUANTIZE", "CONCATENATION", "PACK", "UNPACK",
@@ -92,6 +94,7 @@ class CheckResult:
     macs: dict[str, Any]
     per_op: tuple[OpMacs, ...] = field(repr=False)
     estimate: dict[str, Any] = field(default_factory=dict)
+    acceleration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def arena_bytes(self) -> Optional[int]:
@@ -117,6 +120,7 @@ class CheckResult:
             "memory": self.memory,
             "macs": self.macs,
             "estimate": self.estimate,
+            "acceleration": self.acceleration,
         }
 
     def summary_lines(self) -> list[str]:
@@ -244,7 +248,6 @@ def check_model(model: TfliteModel, target: TargetProfile, options: Optional[Che
     # ---- ops, op x dtype, fallbacks (grouped so each problem is said once)
     unsupported: dict[str, int] = {}
     bad_dtype: dict[tuple[str, str], int] = {}
-    fallback: dict[tuple[str, str], int] = {}
     per_op: list[OpMacs] = []
     for s, sg in enumerate(model.subgraphs):
         for op in sg.operators:
@@ -257,9 +260,6 @@ def check_model(model: TfliteModel, target: TargetProfile, options: Optional[Che
                 unsupported[op.op] = unsupported.get(op.op, 0) + 1
             elif not support.supports(dtype):
                 bad_dtype[(op.op, dtype)] = bad_dtype.get((op.op, dtype), 0) + 1
-            elif (not accelerated and target.backend != "reference" and op.op not in _DATA_MOVEMENT
-                  and (macs or elem)):
-                fallback[(op.op, dtype)] = fallback.get((op.op, dtype), 0) + 1
 
     runtime_name = "TFLite Micro" if target.runtime == "tflm" else "LiteRT"
     for name, n in unsupported.items():
@@ -273,12 +273,6 @@ def check_model(model: TfliteModel, target: TargetProfile, options: Optional[Che
                                   f"{name} on {dtype} ({n}x) is not supported by {runtime_name} "
                                   f"(its kernel takes {have})", op=name,
                                   hint="convert to full-integer int8" if dtype in _FLOAT_TYPES else None))
-    kernels = {"xnnpack": "XNNPACK", "cmsis-nn": "CMSIS-NN", "esp-nn": "ESP-NN"}.get(target.backend, target.backend)
-    slower = "LiteRT's built-in kernels" if target.runtime == "litert" else "reference kernels"
-    for (name, dtype), n in fallback.items():
-        warnings.append(Finding("reference-kernel",
-                                f"{name} on {dtype} ({n}x) has no {kernels} kernel and runs on {slower}",
-                                op=name))
 
     # ---- quantization the target requires
     scheme = _scheme(model)
@@ -311,14 +305,36 @@ def check_model(model: TfliteModel, target: TargetProfile, options: Optional[Che
             f"{_fmt_bytes(target.flash_available_bytes)} flash budget of {target.name}",
             hint="use a smaller model (fewer or narrower layers) or a target with more flash"))
 
-    # ---- RAM, measured by the target's runtime in a child process
+    # ---- RAM, measured by the target's runtime in a child process (on LiteRT also which nodes XNNPACK took)
+    delegation: Optional[dict[str, Any]] = None
     if opts.measure and not unsupported:
         if target.runtime == "tflm":
             _ram_tflm(model, target, opts, memory, violations, warnings)
         else:
-            _ram_litert(model, target, opts, memory, violations, warnings)
+            delegation = _ram_litert(model, target, opts, memory, violations, warnings)
     elif opts.measure:
         memory["ram_note"] = "not measured: the model has ops the runtime does not support"
+
+    # ---- fast kernels: measured delegation on LiteRT when we have it, else the profile's kernel table
+    if delegation is not None and target.backend == "xnnpack":
+        taken = set(delegation["delegated"])
+        per_op = [OpMacs(o.index, o.subgraph, o.op, o.dtype, o.macs, o.elementwise,
+                         o.subgraph == 0 and o.index in taken) for o in per_op]
+    acceleration = _acceleration(per_op, target, delegation)
+    kernels = _KERNEL_NAMES.get(target.backend, target.backend)
+    slower = "LiteRT's built-in kernels" if target.runtime == "litert" else "reference kernels"
+    how = "was not delegated to" if acceleration["measured"] else "has no"
+    for entry in acceleration["off_fast_path"]:
+        warnings.append(Finding("reference-kernel",
+                                f"{entry['op']} on {entry['dtype']} ({entry['count']}x) {how} {kernels}"
+                                + (" kernel" if not acceleration["measured"] else "") + f" and runs on {slower}",
+                                op=entry["op"]))
+    if not acceleration["accelerated"] and target.backend != "reference":
+        warnings.append(Finding("not-accelerated",
+                                f"not accelerated: {acceleration['macs_share_pct']}% of the MACs run on {kernels} "
+                                f"({acceleration['basis']})", op=acceleration["off_fast_path"][0]["op"]
+                                if acceleration["off_fast_path"] else None,
+                                hint="int8 is the level these kernels accelerate" if scheme != "int8" else None))
 
     # ---- compute
     total = sum(o.macs for o in per_op)
@@ -347,6 +363,7 @@ def check_model(model: TfliteModel, target: TargetProfile, options: Optional[Che
         macs=macs,
         per_op=tuple(per_op),
         estimate=estimate,
+        acceleration=acceleration,
     )
 
 
@@ -401,16 +418,16 @@ def _ram_tflm(model: TfliteModel, target: TargetProfile, opts: CheckOptions, mem
 
 
 def _ram_litert(model: TfliteModel, target: TargetProfile, opts: CheckOptions, memory: dict[str, Any],
-                violations: list[Finding], warnings: list[Finding]) -> None:
+                violations: list[Finding], warnings: list[Finding]) -> Optional[dict[str, Any]]:
     m = measure_litert(model.path, threads=target.threads, timeout=opts.timeout_s, invoke=opts.invoke)
     memory["measured_by"] = "ai-edge-litert Interpreter RSS after allocate_tensors and one run (child process)"
     if not m.available:
         warnings.append(Finding("ram-not-measured", "interpreter memory not measured: ai-edge-litert is not "
                                 "installed", hint="pip install ai-edge-litert"))
-        return
+        return None
     if not m.ok:
         violations.append(_crash_finding(m, "LiteRT"))
-        return
+        return None
     used = int(m.values["interpreter_bytes"])
     memory["interpreter_bytes"] = used
     memory["interpreter_note"] = "resident memory the interpreter added on this host (x86/aarch64 differ a little)"
@@ -418,6 +435,49 @@ def _ram_litert(model: TfliteModel, target: TargetProfile, opts: CheckOptions, m
         violations.append(Finding("ram", f"RAM: the interpreter needs {_fmt_bytes(used)}, over the "
                                   f"{_fmt_bytes(target.ram_available_bytes)} RAM budget of {target.name}",
                                   hint="use a smaller model or a board with more memory"))
+    delegation = m.values.get("delegation")
+    if isinstance(delegation, dict):
+        delegation = dict(delegation, runtime=m.values.get("runtime_version"))
+        return delegation
+    return None
+
+
+def _acceleration(per_op: list[OpMacs], target: TargetProfile, delegation: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Do the ops that carry the work run on the target's fast kernels?
+
+    ``accelerated`` is true when every op with multiply-accumulates (conv,
+    depthwise, fully connected, matmul; every op with work when there are none)
+    runs on the backend's kernels; ``all_ops`` when every op with any work does.
+    """
+    kernels = _KERNEL_NAMES.get(target.backend, target.backend)
+    measured = delegation is not None and target.backend == "xnnpack"
+    work = [o for o in per_op if (o.macs or o.elementwise) and o.op not in _DATA_MOVEMENT]
+    heavy = [o for o in work if o.macs] or work
+    total_macs = sum(o.macs for o in per_op)
+    fast_macs = sum(o.macs for o in per_op if o.accelerated)
+    off: dict[tuple[str, str], int] = {}
+    for o in work:
+        if not o.accelerated:
+            off[(o.op, o.dtype)] = off.get((o.op, o.dtype), 0) + 1
+    if target.backend == "reference":
+        basis = "the target has no optimized kernels (reference backend)"
+    elif measured:
+        version = delegation.get("runtime") if delegation else None
+        basis = (f"{kernels} delegation measured: ai-edge-litert{' ' + version if version else ''} on this host took "
+                 f"{len(delegation['delegated'])} of {delegation['nodes']} nodes")  # type: ignore[index]
+    else:
+        basis = f"{kernels} kernel table of the {target.name} profile ({target.kernels_source.rsplit('/', 1)[-1]})"
+    share = fast_macs / total_macs if total_macs else (1.0 if not off else 0.0)
+    return {
+        "backend": target.backend,
+        "accelerated": target.backend != "reference" and all(o.accelerated for o in heavy),
+        "all_ops": target.backend != "reference" and not off,
+        "macs_share": round(share, 4),
+        "macs_share_pct": round(100 * share, 1),
+        "off_fast_path": [{"op": op, "dtype": dt, "count": n} for (op, dt), n in off.items()],
+        "measured": measured,
+        "basis": basis,
+    }
 
 
 def _estimate(per_op: list[OpMacs], target: TargetProfile) -> dict[str, Any]:

@@ -51,6 +51,24 @@ class OpSupport:
 
 
 @dataclass(frozen=True)
+class PowerFigures:
+    """Published power figures of a board, for energy *estimates* only.
+
+    Linux boards: whole-board watts when idle and under load on every core.
+    Microcontrollers: supply voltage and run-mode current at the profile's clock.
+    """
+
+    idle_w: float | None = None
+    load_w: float | None = None
+    voltage_v: float | None = None
+    run_ma: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in (("idle_w", self.idle_w), ("load_w", self.load_w), ("voltage_v", self.voltage_v),
+                                  ("run_ma", self.run_ma)) if v is not None}
+
+
+@dataclass(frozen=True)
 class TargetProfile:
     """A validated target profile (see ``targets/*.toml``)."""
 
@@ -79,6 +97,7 @@ class TargetProfile:
     accelerated: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     ops_source: str = ""
     kernels_source: str = ""
+    power: PowerFigures | None = None  # None: the profile has no [power] table (no energy estimate)
 
     def supports_scheme(self, scheme: str) -> bool:
         """Whether models quantized with ``scheme`` ("int8", "int16x8", "float32") are offered."""
@@ -113,6 +132,7 @@ class TargetProfile:
             "schemes": list(self.schemes),
             "threads": self.threads,
             "macs_per_cycle": dict(self.macs_per_cycle),
+            "power": self.power.to_dict() if self.power else None,
             "source": self.source,
         }
 
@@ -329,6 +349,7 @@ def parse_profile(data: dict, where: str, source: str) -> TargetProfile:
         mpc[k] = comp.number(f"macs_per_cycle.{k}", 1e-6, 1e4, value=v)  # type: ignore[assignment]
     slowdown = comp.number("fallback_slowdown", 1.0, 1000.0)
     comp.done()
+    power = _parse_power(t, kind) if "power" in t.data else None
     t.done()
 
     ops, ops_source = _load_ops(runtime)
@@ -359,7 +380,29 @@ def parse_profile(data: dict, where: str, source: str) -> TargetProfile:
         accelerated=accelerated,
         ops_source=ops_source,
         kernels_source=kernels_source,
+        power=power,
     )
+
+
+def _parse_power(t: _Table, kind: str) -> PowerFigures:
+    """``[power]``: idle_w/load_w on Linux boards, voltage_v/run_ma on microcontrollers."""
+    p = t.sub("power")
+    if kind == "linux":
+        idle = p.number("idle_w", 0.01, 1000.0)
+        load = p.number("load_w", 0.01, 1000.0)
+        if load < idle:  # type: ignore[operator]
+            raise p.error("load_w", f"{load:g} W is less than idle_w ({idle:g} W)")
+        hint = "a Linux board gives idle_w and load_w (watts)"
+        figures = PowerFigures(idle_w=idle, load_w=load)
+    else:
+        volts = p.number("voltage_v", 0.5, 12.0)
+        run_ma = p.number("run_ma", 0.001, 5000.0)
+        hint = "a microcontroller gives voltage_v and run_ma (run-mode current at the profile's clock)"
+        figures = PowerFigures(voltage_v=volts, run_ma=run_ma)
+    extra = sorted(set(p.data) - p.used)
+    if extra:
+        raise p.error(extra[0], f"unknown key for kind {kind!r}", hint)
+    return figures
 
 
 def _load_file(path: Path) -> TargetProfile:

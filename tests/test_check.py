@@ -147,3 +147,73 @@ def test_check_does_not_import_tensorflow_and_is_fast(digits_int8_tflite):
     seconds, imported = out.stdout.strip().splitlines()
     assert imported == "False False"
     assert float(seconds) < 5.0
+
+
+@pytest.fixture(scope="module")
+def digits_int16x8_tflite(tmp_path_factory, digits_keras, digits):
+    """The digits CNN with int16 activations and int8 weights (TensorFlow's converter directly)."""
+    import tensorflow as tf
+
+    model = tf.keras.models.load_model(digits_keras)
+    x = digits["x_train"][:50]
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([x[i:i + 1]] for i in range(len(x)))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    conv.inference_input_type = tf.int16
+    conv.inference_output_type = tf.int16
+    path = tmp_path_factory.mktemp("i16") / "model_int16x8.tflite"
+    path.write_bytes(conv.convert())
+    return path
+
+
+def test_xnnpack_delegation_is_measured_int8_accelerated(digits_int8_tflite):
+    r = check_model(read_tflite(digits_int8_tflite), load_target("rpi4"))
+    a = r.acceleration
+    assert a["measured"] and "delegation measured" in a["basis"]
+    assert a["accelerated"] and a["macs_share"] == 1.0
+    # LiteRT's XNNPACK delegate leaves the int8 SOFTMAX on built-in kernels (measured, not from the table).
+    assert [e["op"] for e in a["off_fast_path"]] == ["SOFTMAX"] and not a["all_ops"]
+    assert r.to_dict()["acceleration"] == a
+    # The measurement decides, not the table: with an empty kernel table the delegate still took the convs.
+    from dataclasses import replace
+    from types import MappingProxyType
+
+    blank = replace(load_target("rpi4"), accelerated=MappingProxyType({}))
+    assert check_model(read_tflite(digits_int8_tflite), blank).acceleration["accelerated"]
+    assert not check_model(read_tflite(digits_int8_tflite), blank, CheckOptions(measure=False)).acceleration["accelerated"]
+
+
+def test_int16_activations_on_a_pi_are_not_accelerated(digits_int16x8_tflite):
+    r = check_model(read_tflite(digits_int16x8_tflite), load_target("rpi4"))
+    assert r.fits  # LiteRT runs it, on its built-in kernels
+    a = r.acceleration
+    assert a["measured"] and not a["accelerated"] and a["macs_share"] == 0.0
+    assert {"CONV_2D", "FULLY_CONNECTED"} <= {e["op"] for e in a["off_fast_path"]}
+    (w,) = [w for w in r.warnings if w.code == "not-accelerated"]
+    assert "not accelerated" in w.message and "XNNPACK" in w.message
+
+
+def test_mcu_acceleration_comes_from_the_kernel_table(digits_int8_tflite, digits_int16x8_tflite,
+                                                      digits_float_tflite):
+    m4 = load_target("cortex-m4")
+    a = check_model(read_tflite(digits_int8_tflite), m4, CheckOptions(measure=False)).acceleration
+    assert a["accelerated"] and not a["measured"] and "kernel table" in a["basis"]
+    # CMSIS-NN has int16 conv/FC kernels; ESP-NN has none (every MAC off the fast path).
+    assert check_model(read_tflite(digits_int16x8_tflite), m4, CheckOptions(measure=False)).acceleration["accelerated"]
+    esp = check_model(read_tflite(digits_int16x8_tflite), load_target("esp32-s3"), CheckOptions(measure=False))
+    assert not esp.acceleration["accelerated"] and esp.acceleration["macs_share"] == 0.0
+    f = check_model(read_tflite(digits_float_tflite), m4, CheckOptions(measure=False))
+    assert not f.fits and not f.acceleration["accelerated"]
+
+
+def test_delegated_nodes_walks_back_from_each_partition():
+    from edgeq.micro import delegated_nodes
+
+    # 0: a -> b, 1: b -> c (delegated together), 2: c -> d (not), 3: DELEGATE(a, w -> c)
+    ops = [{"index": 0, "op_name": "CONV_2D", "inputs": [0, 5], "outputs": [1]},
+           {"index": 1, "op_name": "MAX_POOL_2D", "inputs": [1], "outputs": [2]},
+           {"index": 2, "op_name": "SOFTMAX", "inputs": [2], "outputs": [3]},
+           {"index": 3, "op_name": "DELEGATE", "inputs": [0, 5], "outputs": [2]}]
+    d = delegated_nodes(ops)
+    assert d["delegated"] == [0, 1] and d["not_delegated"] == [[2, "SOFTMAX"]] and d["partitions"] == 1

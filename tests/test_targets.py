@@ -84,6 +84,11 @@ def test_user_profile_by_path(tmp_path):
     (('int8 = 0.25', 'int8 = 0'), "compute.macs_per_cycle.int8"),
     (('threads = 1', 'threads = 4'), "compute.threads"),
     (('kind = "mcu"', 'kind = "mcu"\ncolor = "red"'), "color"),
+    (('run_ma = 3.3', 'run_ma = "3 mA"'), "power.run_ma"),  # wrong type
+    (('voltage_v = 3.0', 'voltage_v = 0'), "power.voltage_v"),  # out of range
+    (('run_ma = 3.3', 'run_ma = 3.3\nidle_w = 1'), "power.idle_w"),  # a Linux board's key on an MCU
+    (('run_ma = 3.3', 'run_ma = 3.3\nrun_mA = 1'), "power.run_mA"),  # unknown key
+    (('run_ma = 3.3\n', ''), "power.run_ma"),  # missing
 ])
 def test_broken_profile_names_file_and_key(tmp_path, edit, key):
     src = (SHIPPED / "cortex-m4.toml").read_text()
@@ -115,3 +120,59 @@ def test_unknown_name_lists_known_targets():
         load_target("_tflm-ops")
     with pytest.raises(TargetError, match="no such file"):
         load_target("/nonexistent/board.toml")
+
+
+def test_every_shipped_profile_has_power_figures_with_a_source():
+    for t in list_targets():
+        assert t.power is not None, t.name
+        text = Path(t.source).read_text()
+        section = text.split("[power]", 1)[1]
+        assert section.count("#") >= 2, f"{t.name}: [power] figures need their source in a comment"
+        if t.kind == "linux":
+            assert 0 < t.power.idle_w < t.power.load_w and t.power.run_ma is None
+        else:
+            assert t.power.voltage_v > 0 and t.power.run_ma > 0 and t.power.idle_w is None
+    # The published figures (ANCHORS.md): Pi 4 1.6/5.0 W, Pi 5 2.8/9.7 W, Pi 3 1.4/3.7 W;
+    # nRF52840 52 uA/MHz x 64 MHz at 3 V; ESP32-S3 32 mA at 3.3 V.
+    assert (load_target("rpi4").power.idle_w, load_target("rpi4").power.load_w) == (1.6, 5.0)
+    assert (load_target("rpi5").power.idle_w, load_target("rpi5").power.load_w) == (2.8, 9.7)
+    assert (load_target("rpi3").power.idle_w, load_target("rpi3").power.load_w) == (1.4, 3.7)
+    m4 = load_target("cortex-m4").power
+    assert m4.voltage_v == 3.0 and abs(m4.run_ma - 0.052 * 64) < 0.05
+    assert (load_target("esp32-s3").power.voltage_v, load_target("esp32-s3").power.run_ma) == (3.3, 32)
+    assert load_target("rpi4").to_dict()["power"] == {"idle_w": 1.6, "load_w": 5.0}
+
+
+def test_linux_power_load_below_idle_is_refused(tmp_path):
+    src = (SHIPPED / "rpi4.toml").read_text().replace("load_w = 5.0", "load_w = 1.0")
+    p = tmp_path / "pi.toml"
+    p.write_text(src)
+    with pytest.raises(TargetError, match=rf"{re.escape(str(p))}:power.load_w: 1 W is less than idle_w"):
+        load_target(str(p))
+    p.write_text((SHIPPED / "rpi4.toml").read_text().replace("idle_w = 1.6", "voltage_v = 5"))
+    with pytest.raises(TargetError, match=r"power.idle_w: missing"):
+        load_target(str(p))
+
+
+def test_a_profile_without_power_loads_and_has_no_energy(tmp_path):
+    from edgeq.energy import estimate_energy
+
+    src = (SHIPPED / "rpi4.toml").read_text()
+    p = tmp_path / "nopower.toml"
+    p.write_text(src.split("[power]", 1)[0].replace('name = "rpi4"', 'name = "nopower"'))
+    t = load_target(str(p))
+    assert t.power is None and estimate_energy(t, 10.0) is None
+
+
+def test_energy_estimates_follow_the_published_figures():
+    from edgeq.energy import estimate_energy
+
+    # Pi 4, all 4 threads: 5.0 W x 10 ms = 50 mJ, of which (5.0 - 1.6) W x 10 ms = 34 mJ above idle.
+    e = estimate_energy(load_target("rpi4"), 10.0, "device")
+    assert e.total_mj == pytest.approx(50.0) and e.above_idle_mj == pytest.approx(34.0)
+    assert e.label == "estimate" and "estimate" in e.basis and "measured on the device" in e.basis
+    # nRF52840-class M4: 3.0 V x 3.3 mA x 100 ms = 0.99 mJ; no idle share on a microcontroller.
+    m = estimate_energy(load_target("cortex-m4"), 100.0)
+    assert m.total_mj == pytest.approx(0.99) and m.above_idle_mj is None
+    assert m.latency_source == "profile-estimate" and "profile's latency estimate" in m.basis
+    assert estimate_energy(load_target("rpi4"), None) is None
