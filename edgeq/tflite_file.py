@@ -182,12 +182,33 @@ class TfliteModel:
         return {t.dtype for sg in self.subgraphs for t in sg.tensors}
 
 
-class _Reader:
-    """Bounds-checked FlatBuffer table access over one byte string."""
+# The work of parsing is bounded by the file's size, not only its offsets: a
+# FlatBuffer may point many vectors at one table (a 12 KB file can describe
+# billions of tensors that way). Every table visited and every vector element
+# or string byte read costs one unit; a file whose parts are not shared needs at
+# most one unit per byte, so a budget of a few units per byte never refuses a
+# real model and makes a crafted one fail after O(file size) work.
+WORK_PER_BYTE = 4
+WORK_BASE = 65536
 
-    def __init__(self, buf: bytes, where: str) -> None:
+
+class _Reader:
+    """Bounds-checked FlatBuffer table access over one byte string, with a work budget."""
+
+    def __init__(self, buf: bytes, where: str, budget: int | None = None) -> None:
         self.buf = buf
         self.where = where
+        self.budget = WORK_PER_BYTE * len(buf) + WORK_BASE if budget is None else budget
+        self.spent = 0
+
+    def spend(self, units: int) -> None:
+        self.spent += units
+        if self.spent > self.budget:
+            raise ModelError(
+                f"{self.where} is not a valid .tflite file (its tables refer to each other more than "
+                f"{self.budget} times for {len(self.buf)} bytes, as a crafted file does)",
+                "check where the file came from; a converter never writes such a file",
+            )
 
     def _bad(self, what: str) -> ModelError:
         return ModelError(
@@ -251,6 +272,9 @@ class _Reader:
         if vec is None:
             return []
         start, n = vec
+        if start + 4 * n > len(self.buf):
+            raise self._bad("vector data out of range")
+        self.spend(n + 1)
         return [start + 4 * i + self.u32(start + 4 * i) for i in range(n)]
 
     def scalars(self, table: int, slot: int, fmt: str) -> tuple:
@@ -261,6 +285,7 @@ class _Reader:
         size = struct.calcsize(fmt)
         if start + n * size > len(self.buf):
             raise self._bad("vector data out of range")
+        self.spend(n + 1)
         return struct.unpack_from(f"<{n}{fmt}", self.buf, start)
 
     def string(self, table: int, slot: int) -> str | None:
@@ -268,6 +293,9 @@ class _Reader:
         if vec is None:
             return None
         start, n = vec
+        if start + n > len(self.buf):
+            raise self._bad("string out of range")
+        self.spend(n + 1)
         return self.buf[start : start + n].decode("utf-8", errors="replace")
 
 

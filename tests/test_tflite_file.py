@@ -90,3 +90,97 @@ def test_garbage_gives_model_error(tmp_path):
         read_tflite(tmp_path / "missing.tflite")
     with pytest.raises(ModelError, match="directory"):
         read_tflite(tmp_path)
+
+
+# ------------------------------------------------------- bounded work, not only offsets
+
+
+def shared_tables_model(subgraphs: int, tensors: int, shape_len: int) -> bytes:
+    """A valid FlatBuffer whose vectors all point at ONE subgraph, whose tensors all point at ONE tensor.
+
+    It is about ``4 * (subgraphs + tensors + shape_len)`` bytes but describes
+    ``subgraphs * tensors`` tensors of ``shape_len`` dimensions each."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+
+    b = flatbuffers.Builder(1024)
+    s.TensorStartShapeVector(b, shape_len)
+    for _ in range(shape_len):
+        b.PrependInt32(1)
+    shape = b.EndVector()
+    s.TensorStart(b)
+    s.TensorAddShape(b, shape)
+    s.TensorAddType(b, 9)
+    tensor = s.TensorEnd(b)
+    s.SubGraphStartTensorsVector(b, tensors)
+    for _ in range(tensors):
+        b.PrependUOffsetTRelative(tensor)
+    tvec = b.EndVector()
+    s.SubGraphStart(b)
+    s.SubGraphAddTensors(b, tvec)
+    sub = s.SubGraphEnd(b)
+    s.ModelStartSubgraphsVector(b, subgraphs)
+    for _ in range(subgraphs):
+        b.PrependUOffsetTRelative(sub)
+    svec = b.EndVector()
+    s.ModelStart(b)
+    s.ModelAddVersion(b, 3)
+    s.ModelAddSubgraphs(b, svec)
+    b.Finish(s.ModelEnd(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def test_shared_tables_are_refused_after_bounded_work(ledger):
+    data = shared_tables_model(100, 100, 100)  # 1.2 KB describing 10,000 tensors, 1,000,000 dimensions
+    assert len(data) < 2000
+    with pytest.raises(ModelError, match="refer to each other more than"):
+        parse_tflite(data, "crafted.tflite")
+    ledger("bad_input", ".tflite whose vectors share one table (amplified work)")
+
+
+def test_the_12kb_crafted_file_fails_fast_in_bounded_memory(tmp_path, ledger):
+    """The review's file: 12 KB, a billion tensor dimensions. A child with 1 GiB of address space and a
+    minute must get a one-line ModelError (before the fix it built objects until memory ran out)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "crafted.tflite"
+    path.write_bytes(shared_tables_model(1000, 1000, 1000))
+    assert 11_000 < path.stat().st_size < 13_000
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from edgeq.errors import ModelError\n"
+        "from edgeq.tflite_file import read_tflite\n"
+        "try:\n"
+        "    read_tflite(sys.argv[1])\n"
+        "except ModelError as exc:\n"
+        "    print('ModelError', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.startswith("ModelError") and "crafted.tflite" in out.stdout
+    ledger("bad_input", "12 KB .tflite describing a billion tensor dimensions")
+
+
+def test_check_cli_on_the_crafted_file_is_one_line(tmp_path, ledger):
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    path = tmp_path / "crafted.tflite"
+    path.write_bytes(shared_tables_model(300, 300, 30))
+    res = CliRunner().invoke(main, ["check", str(path), "--target", "cortex-m4", "--no-measure"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and res.output.startswith("error: ")
+    assert "refer to each other more than" in res.output
+    ledger("bad_input", "edgeq check on a .tflite with shared tables")
+
+
+@pytest.mark.slow
+def test_real_models_need_less_than_a_quarter_of_the_budget(digits_int8_tflite, digits_float_tflite, monkeypatch):
+    import edgeq.tflite_file as tf
+
+    monkeypatch.setattr(tf, "WORK_PER_BYTE", 1)
+    monkeypatch.setattr(tf, "WORK_BASE", 0)
+    for p in (digits_int8_tflite, digits_float_tflite):
+        assert read_tflite(p).subgraphs  # one unit per byte suffices; the real budget is four per byte
