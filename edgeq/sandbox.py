@@ -18,9 +18,27 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 _TAIL_LINES = 20
+_TAIL_CHARS = 4000
+# What a child may send back: a result document and the end of its stderr. A
+# model that makes the runtime print forever must not fill the host's memory.
+_MAX_RESULT_BYTES = 16 * 1024 * 1024
+_MAX_STDERR_BYTES = 256 * 1024
+# Secrets edgeq itself reads from the environment: the SSH key passphrase (and
+# any future EDGEQ_SSH_* setting), and the ssh-agent socket that would let a
+# child sign in to devices as the user. A child that parses an untrusted model
+# has no use for them.
+_SECRET_PREFIXES = ("EDGEQ_SSH_",)
+_SECRET_NAMES = frozenset({"SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_ASKPASS"})
+
+
+def child_env(base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """``base`` (default ``os.environ``) without secrets: what every child process edgeq starts gets."""
+    source = os.environ if base is None else base
+    return {k: v for k, v in source.items()
+            if k not in _SECRET_NAMES and not k.startswith(_SECRET_PREFIXES)}
 
 
 @dataclass(frozen=True)
@@ -59,12 +77,14 @@ def run_in_child(module: str, function: str, kwargs: dict[str, Any], timeout: fl
                  env: Optional[dict[str, str]] = None) -> ChildResult:
     """Call ``module.function(**kwargs)`` in a child process with a time limit.
 
-    ``kwargs`` and the return value must be JSON-serialisable.
+    ``kwargs`` and the return value must be JSON-serialisable. The child's
+    environment is ``env`` (default ``os.environ``) without secrets (see
+    :func:`child_env`); its result is capped at 16 MiB, its stderr tail at 256 KiB.
     """
     read_fd, write_fd = os.pipe()
     request = json.dumps({"module": module, "function": function, "kwargs": kwargs, "fd": write_fd})
-    child_env = dict(os.environ if env is None else env)
-    child_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    environment = child_env(env)
+    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     t0 = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -73,26 +93,46 @@ def run_in_child(module: str, function: str, kwargs: dict[str, Any], timeout: fl
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             pass_fds=(write_fd,),
-            env=child_env,
+            env=environment,
             start_new_session=True,
         )
     finally:
         os.close(write_fd)
-    chunks: list[bytes] = []
-    # Drain the result pipe alongside stderr so a large result cannot block the child.
-    drain = threading.Thread(target=_drain, args=(read_fd, chunks), daemon=True)
-    drain.start()
+    result = _Sink(_MAX_RESULT_BYTES, keep_tail=False)
+    errors = _Sink(_MAX_STDERR_BYTES, keep_tail=True)
+    # Drain the result pipe and stderr on threads so neither can block the child,
+    # and keep only a bounded part of each.
+    drains = [threading.Thread(target=_drain, args=(os.fdopen(read_fd, "rb"), result), daemon=True),
+              threading.Thread(target=_drain, args=(proc.stderr, errors), daemon=True)]
+    for t in drains:
+        t.start()
     timed_out = False
     try:
-        _, err = proc.communicate(request.encode(), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        try:
+            if proc.stdin is not None:
+                proc.stdin.write(request.encode())
+                proc.stdin.close()
+        except OSError:
+            pass  # the child died before reading its request: its exit status tells
+        try:
+            proc.wait(timeout=max(0.0, timeout - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            proc.wait()
+    except BaseException:
+        # Interrupted (Ctrl-C): the child leads its own session and would outlive us.
         _kill_group(proc)
-        _, err = proc.communicate()
-    drain.join(timeout=5)
-    payload = b"".join(chunks)
+        proc.wait()
+        raise
+    for t in drains:
+        t.join(timeout=5)
+    payload = result.data() if not result.truncated else b""
+    err = errors.data()
+    if result.truncated:
+        err += f"\n(the child's result was larger than {_MAX_RESULT_BYTES >> 20} MiB and was dropped)".encode()
     seconds = time.monotonic() - t0
-    tail = "\n".join(err.decode("utf-8", "replace").strip().splitlines()[-_TAIL_LINES:])
+    tail = "\n".join(err.decode("utf-8", "replace").strip().splitlines()[-_TAIL_LINES:])[-_TAIL_CHARS:]
     rc = proc.returncode
     sig = None
     if rc is not None and rc < 0:
@@ -116,13 +156,39 @@ def run_in_child(module: str, function: str, kwargs: dict[str, Any], timeout: fl
     return ChildResult(False, returncode=rc, signal=sig, stderr_tail=tail, seconds=seconds)
 
 
-def _drain(fd: int, chunks: list[bytes]) -> None:
-    with os.fdopen(fd, "rb") as reader:
+class _Sink:
+    """Collects a stream, keeping at most ``cap`` bytes: the first ones, or the last ones."""
+
+    def __init__(self, cap: int, keep_tail: bool) -> None:
+        self.cap = cap
+        self.keep_tail = keep_tail
+        self.total = 0
+        self._buf = bytearray()
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        if self.keep_tail:
+            self._buf += data
+            if len(self._buf) > 2 * self.cap:
+                del self._buf[:-self.cap]
+        elif len(self._buf) < self.cap:
+            self._buf += data[: self.cap - len(self._buf)]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.cap
+
+    def data(self) -> bytes:
+        return bytes(self._buf[-self.cap:] if self.keep_tail else self._buf)
+
+
+def _drain(reader: Any, sink: _Sink) -> None:
+    with reader:
         while True:
-            data = reader.read(65536)
+            data = reader.read1(65536) if hasattr(reader, "read1") else reader.read(65536)
             if not data:
                 return
-            chunks.append(data)
+            sink.add(data)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
