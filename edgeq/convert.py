@@ -1,19 +1,28 @@
-"""Convert a float model to a full-integer TFLite model and report what quantization did.
+"""Convert a float model to a quantized TFLite model, as stages, and report what quantization did.
 
 The only module of edgeq that imports TensorFlow, and only inside functions, so
 ``edgeq --help``, ``check`` and ``deploy`` never pay for it.
 
-Pipeline: load the model (Keras 3 ``.keras``, a SavedModel directory, or a legacy
-Keras 2 ``.h5`` through ``tf_keras``), export it with a fixed batch size of 1
-(static shapes: no SHAPE/STRIDED_SLICE/PACK ops around Flatten), calibrate with
-the representative samples, convert with TensorFlow's TFLite converter, check
-that every tensor really is integer, then (with ``eval_data``) measure float vs
-quantized fidelity and the worst layers with TensorFlow's quantization
-debugger. Nothing is written unless everything succeeded.
+The pipeline, one function per stage, each returning a frozen result::
+
+    loaded     = load_model(path, LoadOptions())              # Keras 3, SavedModel, legacy .h5 (safely)
+    float_m    = export_float(loaded, workdir)                # batch-1 SavedModel + float .tflite, once
+    calibrated = calibrate(float_m, calib_dataset)            # activation ranges, once
+    quantized  = quantize(float_m, calibrated, recipe, IoTypes())   # any recipe, reusing the ranges
+    validation = validate(quantized, float_m, eval_dataset)   # accuracy, agreement, SQNR, worst layers
+    result     = write(quantized, report_for(...))            # model + report, atomically
+
+``convert()`` composes them for ``edgeq convert``; the sweep and the repair run
+the same stages, exporting and calibrating once for many recipes. Static
+recipes made by TensorFlow's converter are quantized from the recorded ranges
+with ``mlir_quantize`` (int8) or the converter's own int16 quantizer, giving
+the same tensors as ``TFLiteConverter.convert()`` with a representative dataset.
+Nothing is written unless everything succeeded.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gc
 import io
@@ -26,7 +35,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -34,49 +43,93 @@ import numpy as np
 
 from edgeq import __version__
 from edgeq.calibration import DataOptions, Dataset, InputSpec, load_dataset
-from edgeq.errors import ConversionError, EdgeqError, InputError, ModelError, TargetError, UsageError
+from edgeq.errors import ConversionError, EdgeqError, InputError, ModelError, RecipeError, UsageError
 from edgeq.progress import ProgressCallback, report
+from edgeq.recipes import Recipe, RecipeTable, load_recipes, recipe_for_scheme
+from edgeq.safeio import temp_beside
 from edgeq.tflite_file import TfliteModel, parse_tflite
 
 SCHEMES = ("int8", "int16x8")
 IO_TYPES = ("int8", "uint8", "int16", "float32")
-_IO_ALLOWED = {"int8": ("int8", "uint8", "float32"), "int16x8": ("int16", "float32")}
-_DEFAULT_IO = {"int8": "int8", "int16x8": "int16"}
+# Model input/output types each activation kind allows; the first is the default.
+_IO_ALLOWED = {"int8": ("int8", "uint8", "float32"), "int16": ("int16", "float32")}
 # Ops Flatten/Reshape add when the batch size is dynamic; microcontroller runtimes dislike them.
 DYNAMIC_SHAPE_OPS = ("SHAPE", "STRIDED_SLICE", "PACK")
 _SIGNATURE = "serving_default"
+
+
+# ---------------------------------------------------------------- options and results
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model. ``unsafe_load`` lets a model run the Python code it carries (Lambda layers)."""
+
+    unsafe_load: bool = False
+
+
+@dataclass(frozen=True)
+class IoTypes:
+    """Model input and output types; None picks the recipe's default (int8, int16 or float32)."""
+
+    input: Optional[str] = None
+    output: Optional[str] = None
+
+    def resolve(self, recipe: Recipe, scheme_name: Optional[str] = None) -> tuple[str, str]:
+        """(input type, output type) for ``recipe``; ``UsageError`` when a type does not go with it."""
+        if recipe.full_integer:
+            allowed = _IO_ALLOWED[recipe.activations]
+        else:
+            allowed = ("float32",)
+        what = f"--scheme {scheme_name}" if scheme_name else f"recipe {recipe.name}"
+        out = []
+        for which, value in (("input", self.input), ("output", self.output)):
+            value = value or allowed[0]
+            if value not in allowed:
+                raise UsageError(f"--{which}-type {value} does not go with {what}",
+                                 f"choose one of {', '.join(allowed)}")
+            out.append(value)
+        return out[0], out[1]
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
     """Everything ``convert`` needs besides the model, the calibration data and the output path."""
 
-    scheme: str = "int8"  # "int8" | "int16x8" (16-bit activations, 8-bit weights)
-    input_type: Optional[str] = None  # None: int8 (int16 with int16x8)
+    scheme: str = "int8"  # "int8" | "int16x8": the older way to name recipe "int8" / "int16x8"
+    input_type: Optional[str] = None  # None: the recipe's default (int8; int16 with int16x8; else float32)
     output_type: Optional[str] = None
     data: DataOptions = DataOptions()  # calibration sampling and normalisation
     eval_data: Optional[str] = None  # a data source with held-out samples (and labels)
     eval_samples: Optional[int] = None  # None: every evaluation sample
-    target: Optional[str] = None  # a target profile name or TOML file
+    # A target profile name or file: convert() applies its conversion constraints (per-channel,
+    # schemes it runs); the check against it is composed by the caller (the CLI).
+    target: Optional[str] = None
     per_channel: bool = True  # per-channel weights (ANCHORS: the TFLite int8 convention)
     report_path: Optional[str] = None  # default: OUT.report.json beside the model
     worst_layers: int = 5  # how many layers to list by quantization error (0: skip the debugger)
+    recipe: Optional[str] = None  # a recipe name; None: from scheme and per_channel
+    recipes_file: Optional[str] = None  # a user's recipe table; None: the shipped one
+    load: LoadOptions = LoadOptions()
 
-    def resolved_io(self) -> tuple[str, str]:
-        """(input type, output type) after applying the scheme's defaults and checking them."""
+    def resolved_recipe(self, table: Optional[RecipeTable] = None) -> Recipe:
+        """The recipe these options ask for (``RecipeError`` for an unknown or simulated one)."""
         if self.scheme not in SCHEMES:
             raise UsageError(f"unknown scheme '{self.scheme}'", f"choose one of {', '.join(SCHEMES)}")
-        allowed = _IO_ALLOWED[self.scheme]
-        out = []
-        for which, value in (("input", self.input_type), ("output", self.output_type)):
-            value = value or _DEFAULT_IO[self.scheme]
-            if value not in allowed:
-                raise UsageError(
-                    f"--{which}-type {value} does not go with --scheme {self.scheme}",
-                    f"choose one of {', '.join(allowed)}",
-                )
-            out.append(value)
-        return out[0], out[1]
+        table = table or load_recipes(self.recipes_file)
+        if self.recipe is None:
+            return table.get(recipe_for_scheme(self.scheme, self.per_channel))
+        recipe = table.get(self.recipe)
+        if not recipe.executable:
+            runnable = ", ".join(r.name for r in table.executable())
+            raise RecipeError(f"recipe '{recipe.name}' is simulated: no runtime here executes it, so it is "
+                              f"never written as a .tflite", f"measure it with edgeq sweep, or choose one of {runnable}")
+        return recipe
+
+    def resolved_io(self, recipe: Optional[Recipe] = None) -> tuple[str, str]:
+        """(input type, output type) after applying the recipe's defaults and checking them."""
+        recipe = recipe or self.resolved_recipe()
+        return IoTypes(self.input_type, self.output_type).resolve(recipe, None if self.recipe else self.scheme)
 
 
 @dataclass(frozen=True)
@@ -132,6 +185,110 @@ class LayerError:
 
 
 @dataclass(frozen=True)
+class LoadedModel:
+    """A loaded float model: where it came from, its inputs and layer names, and how to export it.
+
+    ``model`` is the Keras 3 or tf_keras model (the repair stages rewrite it), or
+    the loaded SavedModel object.
+    """
+
+    path: str
+    fmt: str  # "keras" | "h5" | "saved_model"
+    loader: str  # "keras" | "tf_keras" | "saved_model"
+    model_name: str
+    inputs: tuple[InputSpec, ...]
+    layer_names: tuple[str, ...]
+    float_weight_bytes: int
+    model: Any = field(repr=False, compare=False)
+    export: Callable[[str], None] = field(repr=False, compare=False)  # writes a batch-1 SavedModel
+
+
+@dataclass(frozen=True)
+class FloatModel:
+    """The batch-1 float model: a SavedModel directory (inside the caller's workdir) and its float ``.tflite``."""
+
+    loaded: LoadedModel
+    saved_model_dir: str
+    content: bytes = field(repr=False)
+    tflite: TfliteModel = field(repr=False)
+    seconds: float = 0.0
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.content)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Activation ranges recorded once on the calibration samples, reused by every static recipe.
+
+    ``calibrated`` is the float ``.tflite`` with TensorFlow's recorded min/max;
+    litert-quantizer's own ranges are recorded on first use and kept in ``_litert``.
+    """
+
+    dataset: Dataset = field(repr=False)
+    calibrated: bytes = field(repr=False)
+    seconds: float = 0.0
+    _litert: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def samples(self) -> int:
+        return len(self.dataset)
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    """One recipe applied: the ``.tflite`` bytes, parsed, and its I/O types."""
+
+    recipe: Recipe
+    content: bytes = field(repr=False)
+    tflite: TfliteModel = field(repr=False)
+    input_type: str
+    output_type: str
+    static_shapes: bool
+    keys: dict[int, str] = field(default_factory=dict, repr=False, compare=False)  # tensor -> signature name
+    warnings: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.content)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.recipe.per_channel
+
+    def io(self) -> tuple[tuple[IoQuant, ...], tuple[IoQuant, ...]]:
+        return _io(self.tflite, self.keys)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Quantized against float on the evaluation data."""
+
+    fidelity: tuple[OutputFidelity, ...]
+    evaluation: dict[str, Any]
+    worst_layers: tuple[LayerError, ...] = ()
+    ranges: Optional[dict[str, Any]] = None  # how calibration ranges settle (with a Calibration)
+    warnings: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    def accuracy_drop(self) -> Optional[float]:
+        """Points of accuracy lost (float - quantized, x100) on the first output with labels; else None."""
+        for f in self.fidelity:
+            if f.accuracy_float is not None and f.accuracy_quant is not None:
+                return 100.0 * (f.accuracy_float - f.accuracy_quant)
+        return None
+
+    def agreement_drop(self) -> Optional[float]:
+        """100 - top-1 agreement (in points) on the first classification output; else None."""
+        for f in self.fidelity:
+            if f.top1_agreement is not None:
+                return 100.0 * (1.0 - f.top1_agreement)
+        return None
+
+
+@dataclass(frozen=True)
 class ConvertResult:
     """What ``convert`` wrote and measured; ``to_dict()`` is the report JSON."""
 
@@ -161,6 +318,7 @@ class ConvertResult:
     warnings: tuple[str, ...] = ()
     timings_s: dict[str, float] = field(default_factory=dict)
     sha256: str = ""
+    recipe: Optional[Recipe] = None
 
     @property
     def size_ratio(self) -> float:
@@ -171,6 +329,7 @@ class ConvertResult:
             "edgeq_version": __version__,
             "model": {"path": self.model, "format": self.model_format, "loader": self.loader},
             "output": {"path": self.output, "sha256": self.sha256},
+            "recipe": self.recipe.to_dict() if self.recipe is not None else None,
             "scheme": self.scheme,
             "input_type": self.input_type,
             "output_type": self.output_type,
@@ -212,6 +371,8 @@ def model_format(path: str | Path) -> str:
             return "saved_model"
         raise ModelError(f"{p} is a directory without saved_model.pb, not a SavedModel",
                          "give a .keras or .h5 file, or a SavedModel directory")
+    if not p.is_file():
+        raise ModelError(f"{p} is not a regular file", "give a .keras or .h5 file, or a SavedModel directory")
     suffix = p.suffix.lower()
     if suffix == ".tflite":
         raise ModelError(f"{p} is already a .tflite model",
@@ -310,18 +471,132 @@ def _tf() -> Any:
     return tf
 
 
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- stage 1: load
 
 
-@dataclass
-class _Loaded:
-    fmt: str
-    loader: str
-    model_name: str
-    inputs: list[InputSpec]
-    layer_names: list[str]
-    float_weight_bytes: int
-    export: Callable[[str], None]  # writes a batch-1 SavedModel with signature "serving_default"
+_UNSAFE_HINT = ("edgeq refuses to run code from a model file; if you trust this file, "
+                "re-run with --unsafe-load (it lets the file run its code on this machine)")
+# Keras 3's words when safe mode refuses to deserialize code ("... potential risk of arbitrary code
+# execution ... safe_mode=False ..."): after that refusal edgeq never tries another loader.
+_SAFE_MODE_REFUSAL = re.compile(r"safe_mode|arbitrary code execution", re.IGNORECASE)
+_MAX_H5_CONFIG = 16 << 20  # bytes of model_config JSON we are willing to parse
+
+
+def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
+    """Load a ``.keras``, ``.h5`` or SavedModel for conversion; ``ModelError`` if it cannot be loaded safely.
+
+    Keras models load in safe mode: a ``Lambda`` layer carrying Python bytecode
+    is refused (a one-line ``ModelError``) unless ``options.unsafe_load``. A
+    legacy ``.h5`` goes to ``tf_keras`` only when Keras 3 cannot parse it, and
+    only after its config has been checked for code (``tf_keras`` runs the
+    bytecode of an ``.h5`` Lambda even in safe mode). SavedModels are programs:
+    loading one runs no Python, but its graph functions run when traced.
+    """
+    p = Path(path)
+    fmt = model_format(p)
+    with quiet_tensorflow():
+        tf = _tf()
+        if fmt == "saved_model":
+            return _load_saved_model(tf, p)
+        return _load_keras(tf, p, fmt, options)
+
+
+def _load_keras(tf: Any, path: Path, fmt: str, options: LoadOptions) -> LoadedModel:
+    errors = []
+    import keras
+
+    if fmt == "h5" and not options.unsafe_load:
+        _refuse_h5_code(path)  # before any loader parses the file
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=not options.unsafe_load)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "try the legacy loader", unless refused
+        if not options.unsafe_load and _SAFE_MODE_REFUSAL.search(str(exc)):
+            raise ModelError(f"{path} carries Python code (a Lambda layer or an unsafe object) that Keras "
+                             "refuses to load in safe mode", _UNSAFE_HINT) from None
+        errors.append(f"Keras 3: {_first_line(exc)}")
+    else:
+        return _from_keras3(tf, keras, model, fmt, path)
+    if fmt == "h5":
+        try:
+            import tf_keras
+        except ImportError:
+            errors.append("tf_keras is not installed (pip install tf-keras)")
+        else:
+            try:
+                model = tf_keras.models.load_model(path, compile=False, safe_mode=not options.unsafe_load)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"tf_keras: {_first_line(exc)}")
+            else:
+                return _from_tf_keras(tf, model, path)
+    raise ModelError(f"cannot load {path} as a Keras model ({'; '.join(errors)})",
+                     "check that the file is a complete Keras model saved with model.save()")
+
+
+def _refuse_h5_code(path: Path) -> None:
+    """Refuse a legacy ``.h5`` whose model config holds Python code (Lambda layers, bytecode).
+
+    ``tf_keras`` deserializes ``Lambda`` layers of an ``.h5`` from marshalled
+    bytecode and runs them while rebuilding the model, whatever ``safe_mode``
+    says (measured), so the config is read with h5py and checked first.
+    """
+    try:
+        import h5py
+    except ImportError:
+        raise ModelError(f"cannot check {path} for embedded code: h5py is not installed",
+                         "pip install h5py (it comes with tf-keras)") from None
+    try:
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+            if raw is None and "model_config" not in f.attrs:
+                raise ModelError(f"{path} has no model_config: it holds weights only, not a model",
+                                 "save the whole model with model.save('model.h5')")
+            if isinstance(raw, bytes):
+                raw = raw.decode("utf-8", "replace")
+            if not isinstance(raw, str):
+                raise ModelError(f"{path}: model_config is not JSON text")
+            if len(raw) > _MAX_H5_CONFIG:
+                raise ModelError(f"{path}: model_config is larger than {_MAX_H5_CONFIG >> 20} MiB")
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - h5py raises OSError, KeyError, ValueError for broken files
+        raise ModelError(f"cannot read {path} as HDF5 ({_first_line(exc)})",
+                         "check that the file is a complete Keras model saved with model.save()") from None
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ModelError(f"{path}: model_config is not valid JSON",
+                         "check that the file is a complete Keras model saved with model.save()") from None
+    found = _code_in_config(config)
+    if found:
+        raise ModelError(f"{path} carries Python code ({found}) that loading would run", _UNSAFE_HINT)
+
+
+def _code_in_config(config: Any) -> Optional[str]:
+    """The first layer whose config holds code (a Lambda, or a marshalled function), or None."""
+    stack = [config]
+    seen = 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > 1_000_000:
+            return "a model config too large to check"
+        if isinstance(node, dict):
+            cls = node.get("class_name")
+            cfg = node.get("config") if isinstance(node.get("config"), dict) else {}
+            name = cfg.get("name") if isinstance(cfg.get("name"), str) else "?"
+            if cls == "Lambda" or (isinstance(cls, str) and cls.endswith(">Lambda")):
+                return f"Lambda layer '{name[:80]}'"
+            if node.get("function_type") == "lambda" or node.get("output_shape_type") == "lambda":
+                return f"a marshalled function in '{name[:80]}'"
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def _strip(name: str) -> str:
@@ -358,40 +633,7 @@ def _weight_bytes(variables: Sequence[Any]) -> int:
     return total
 
 
-def _load_model(tf: Any, path: Path, fmt: str) -> _Loaded:
-    if fmt == "saved_model":
-        return _load_saved_model(tf, path)
-    errors = []
-    import keras
-
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "try the legacy loader"
-        errors.append(f"Keras 3: {_first_line(exc)}")
-    else:
-        return _from_keras3(tf, keras, model, fmt)
-    if fmt == "h5":
-        try:
-            import tf_keras
-        except ImportError:
-            errors.append("tf_keras is not installed (pip install tf-keras)")
-        else:
-            try:
-                model = tf_keras.models.load_model(path, compile=False)
-            except Exception as exc:  # noqa: BLE001
-                errors.append(f"tf_keras: {_first_line(exc)}")
-            else:
-                return _from_tf_keras(tf, model)
-    raise ModelError(f"cannot load {path} as a Keras model ({'; '.join(errors)})",
-                     "check that the file is a complete Keras model saved with model.save()")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
-def _from_keras3(tf: Any, keras: Any, model: Any, fmt: str) -> _Loaded:
+def _from_keras3(tf: Any, keras: Any, model: Any, fmt: str, path: Path) -> LoadedModel:
     inputs = _keras_inputs(model)
     multi = len(inputs) > 1
 
@@ -404,11 +646,11 @@ def _from_keras3(tf: Any, keras: Any, model: Any, fmt: str) -> _Loaded:
         )
         archive.write_out(out_dir, verbose=False)
 
-    return _Loaded(fmt, "keras", model.name, inputs, [layer.name for layer in model.layers],
-                   _weight_bytes(model.weights), export)
+    return LoadedModel(str(path), fmt, "keras", model.name, tuple(inputs),
+                       tuple(layer.name for layer in model.layers), _weight_bytes(model.weights), model, export)
 
 
-def _from_tf_keras(tf: Any, model: Any) -> _Loaded:
+def _from_tf_keras(tf: Any, model: Any, path: Path) -> LoadedModel:
     inputs = _keras_inputs(model)
     multi = len(inputs) > 1
 
@@ -418,17 +660,17 @@ def _from_tf_keras(tf: Any, model: Any) -> _Loaded:
                             input_signature=specs)
         tf.saved_model.save(model, out_dir, signatures={_SIGNATURE: serve.get_concrete_function()})
 
-    return _Loaded("h5", "tf_keras", model.name, inputs, [layer.name for layer in model.layers],
-                   _weight_bytes(model.weights), export)
+    return LoadedModel(str(path), "h5", "tf_keras", model.name, tuple(inputs),
+                       tuple(layer.name for layer in model.layers), _weight_bytes(model.weights), model, export)
 
 
-def _load_saved_model(tf: Any, path: Path) -> _Loaded:
+def _load_saved_model(tf: Any, path: Path) -> LoadedModel:
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot load SavedModel {path} ({_first_line(exc)})",
                          "check that the directory is a complete SavedModel") from None
-    signatures = dict(loaded.signatures)
+    signatures = dict(getattr(loaded, "signatures", {}) or {})
     if not signatures:
         raise ModelError(f"SavedModel {path} has no signatures",
                          "save it with tf.saved_model.save(..., signatures=...) or model.export()")
@@ -436,6 +678,9 @@ def _load_saved_model(tf: Any, path: Path) -> _Loaded:
     fn = signatures[key]
     kw = fn.structured_input_signature[1]
     names = sorted(kw)
+    if not names:
+        raise ModelError(f"SavedModel {path}: signature '{key}' takes no named inputs",
+                         "export a signature with named tensor inputs")
     inputs = [
         InputSpec(n, tuple(None if d is None else int(d) for d in kw[n].shape), kw[n].dtype.name)
         for n in names
@@ -455,43 +700,357 @@ def _load_saved_model(tf: Any, path: Path) -> _Loaded:
     variables = list(getattr(fn, "variables", ()))
     layer_names = sorted({_strip(v.name).split("/")[0] for v in variables})
     weights = _weight_bytes(variables)
-    return _Loaded("saved_model", "saved_model", "", inputs, layer_names, weights, export)
+    return LoadedModel(str(path), "saved_model", "saved_model", "", tuple(inputs), tuple(layer_names),
+                       weights, loaded, export)
 
 
-# ---------------------------------------------------------------- conversion
+# ---------------------------------------------------------------- stage 2: the float model, once
 
 
-def _make_converter(tf: Any, saved: str, scheme: str, io_types: Optional[tuple[str, str]],
-                    per_channel: bool, calib: Optional[Dataset],
-                    progress: Optional[ProgressCallback]) -> Any:
-    conv = tf.lite.TFLiteConverter.from_saved_model(saved)
-    if io_types is None:  # the float reference
-        return conv
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    if scheme == "int16x8":
-        conv.target_spec.supported_ops = [
-            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
-        ]
-    else:
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = tf.as_dtype(io_types[0])
-    conv.inference_output_type = tf.as_dtype(io_types[1])
-    if not per_channel:
-        # No public switch; TF's own tests set these. Dense layers have their own flag.
-        conv._experimental_disable_per_channel = True
-        conv._experimental_disable_per_channel_quantization_for_dense_layers = True
-    if calib is None:
-        raise ValueError("a quantizing converter needs calibration data")
+def export_float(loaded: LoadedModel, workdir: str | Path,
+                 progress: Optional[ProgressCallback] = None) -> FloatModel:
+    """Export ``loaded`` with a batch size of 1 into ``workdir`` and convert it to a float ``.tflite``.
+
+    Batch 1 keeps shapes static (no SHAPE/STRIDED_SLICE/PACK around Flatten).
+    The SavedModel stays in ``workdir`` (the caller owns its lifetime): fp16 and
+    dynamic-range recipes are made from it.
+    """
+    t = time.perf_counter()
+    saved = os.path.join(str(workdir), "saved_model")
+    report(progress, "export", "batch-1 SavedModel and float .tflite")
+    with quiet_tensorflow():
+        tf = _tf()
+        try:
+            loaded.export(saved)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"cannot trace {loaded.path} with a batch size of 1 ({_first_line(exc)})",
+                             "check that the model runs on one sample: model(x[:1])") from None
+        try:
+            with _frozen_heap():
+                content = tf.lite.TFLiteConverter.from_saved_model(saved).convert()
+        except Exception as exc:  # noqa: BLE001 - the converter raises many kinds
+            raise _converter_error(exc, "int8", loaded.layer_names, loaded.model_name) from exc
+    return FloatModel(loaded, saved, content, parse_tflite(content, f"{loaded.path} (float)"),
+                      time.perf_counter() - t)
+
+
+# ---------------------------------------------------------------- stage 3: calibrate, once
+
+
+def calibrate(float_model: FloatModel, calib: Dataset,
+              progress: Optional[ProgressCallback] = None) -> Calibration:
+    """Record every activation's range on ``calib`` (TensorFlow's calibrator on the float ``.tflite``).
+
+    The result is what ``TFLiteConverter`` records before it quantizes; every
+    static recipe quantizes from it without running the samples again.
+    """
+    t = time.perf_counter()
+    names = _float_input_names(float_model.content)
+    if sorted(names) != sorted(calib.names):
+        raise InputError(f"calibration data {calib.source} has inputs {', '.join(calib.names)} but the model "
+                         f"takes {', '.join(names)}", "name the arrays after the model's inputs")
     total = len(calib)
 
-    def representative() -> Iterator[dict[str, np.ndarray]]:
+    def samples() -> Iterator[dict[str, np.ndarray]]:
         for i in range(total):
-            if progress is not None and (i % 16 == 0 or i == total - 1):
+            if i % 16 == 0 or i == total - 1:
                 report(progress, "calibrate", "samples", i + 1, total)
             yield calib.sample(i)
 
-    conv.representative_dataset = representative
-    return conv
+    with quiet_tensorflow():
+        _tf()
+        from tensorflow.lite.python.optimize import calibrator as tf_calibrator
+
+        try:
+            with _frozen_heap():
+                calibrated = tf_calibrator.Calibrator(
+                    tf_calibrator.add_intermediate_tensors(float_model.content)).calibrate(samples)
+        except EdgeqError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ConversionError(f"calibration failed: {_first_line(exc)}",
+                                  "check that the calibration samples fit the model's inputs") from None
+    return Calibration(calib, bytes(calibrated), time.perf_counter() - t)
+
+
+def _float_input_names(content: bytes) -> list[str]:
+    try:
+        return list(_runner(content).get_input_details())
+    except Exception:  # noqa: BLE001 - names are a courtesy check
+        return []
+
+
+# ---------------------------------------------------------------- stage 4: quantize, per recipe
+
+
+def quantize(float_model: FloatModel, calibration: Optional[Calibration], recipe: Recipe,
+             io_types: IoTypes = IoTypes(), progress: Optional[ProgressCallback] = None) -> QuantizedModel:
+    """Apply ``recipe`` to the float model; static recipes use ``calibration`` (recorded once).
+
+    Raises ``ConversionError`` naming the op and layer when the recipe cannot be
+    made (e.g. an op left in float by a full-integer recipe), ``RecipeError``
+    for a simulated recipe (see ``edgeq.quantize.simulate``).
+    """
+    if not recipe.executable:
+        raise RecipeError(f"recipe '{recipe.name}' is simulated and never written as a .tflite",
+                          "use edgeq.quantize.simulate() to measure it")
+    if recipe.needs_calibration and calibration is None:
+        raise UsageError(f"recipe '{recipe.name}' has static activations and needs a calibration")
+    input_type, output_type = io_types.resolve(recipe)
+    loaded = float_model.loaded
+    t = time.perf_counter()
+    report(progress, "convert", f"quantizing ({recipe.name})")
+    with quiet_tensorflow():
+        try:
+            if recipe.quantizer == "tflite-converter":
+                content = _tflite_converter(float_model, calibration, recipe, input_type, output_type)
+            else:
+                from edgeq.quantize import litert_quantize
+
+                content = litert_quantize(float_model.content, recipe,
+                                          calibration.dataset if calibration else None,
+                                          calibration._litert if calibration else None)
+        except EdgeqError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the quantizers raise many kinds
+            raise _converter_error(exc, _scheme_of(recipe), loaded.layer_names, loaded.model_name) from exc
+    quant = parse_tflite(content, f"{recipe.name} model")
+    if recipe.full_integer:
+        floats = _float_ops(quant, input_type, output_type)
+        if floats:
+            raise _float_ops_error(floats, float_model, calibration, recipe)
+    warns = []
+    static = all(d > 0 for t_ in quant.inputs for d in t_.shape_signature) and not any(
+        op in quant.op_counts for op in DYNAMIC_SHAPE_OPS
+    )
+    if not static:
+        dyn = [op for op in DYNAMIC_SHAPE_OPS if op in quant.op_counts]
+        warns.append("the model has dynamic shapes" + (f" ({', '.join(dyn)} ops)" if dyn else "")
+                     + "; microcontroller runtimes may not support them")
+    return QuantizedModel(recipe, content, quant, input_type, output_type, static, _signature_names(content),
+                          tuple(warns), time.perf_counter() - t)
+
+
+def _scheme_of(recipe: Recipe) -> str:
+    if recipe.full_integer:
+        return "int16x8" if recipe.activations == "int16" else "int8"
+    return recipe.name
+
+
+def _tflite_converter(float_model: FloatModel, calibration: Optional[Calibration], recipe: Recipe,
+                      input_type: str, output_type: str) -> bytes:
+    tf = _tf()
+    from tensorflow.lite.python import convert as tf_convert
+    from tensorflow.lite.python import lite as tf_lite
+
+    if recipe.activations == "float" and recipe.weights_bits == 32:
+        return float_model.content
+    if recipe.activations in ("float", "dynamic-int8"):
+        conv = tf.lite.TFLiteConverter.from_saved_model(float_model.saved_model_dir)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        if recipe.weights_bits == 16:
+            conv.target_spec.supported_types = [tf.float16]
+        with _frozen_heap():
+            return bytes(conv.convert())
+    if calibration is None:  # guarded by quantize(); here for the type checker
+        raise UsageError("a static recipe needs a calibration")
+    per_tensor = not recipe.per_channel
+    if recipe.activations == "int8":
+        # What TFLiteConverter.convert() does after calibrating (lite.py, _quantize / _optimize_tflite_model).
+        model = tf_convert.mlir_quantize(
+            calibration.calibrated, disable_per_channel=per_tensor,
+            input_data_type=tf.as_dtype(input_type), output_data_type=tf.as_dtype(output_type),
+            disable_per_channel_for_dense_layers=per_tensor)
+        return bytes(tf_lite._deduplicate_readonly_buffers(model))
+    # int16 activations: the converter's own (older) quantizer, on the recorded ranges.
+    from tensorflow.lite.python.optimize import calibrator as tf_calibrator
+
+    quantizer = tf_calibrator.Calibrator(calibration.calibrated)
+    model = quantizer._calibrator.QuantizeModel(
+        np.dtype(input_type).num, np.dtype(output_type).num, False,
+        np.dtype(np.int16).num, np.dtype(np.int64).num, per_tensor, per_tensor)
+    model = tf_lite._modify_model_io_type(model, tf.as_dtype(input_type), tf.as_dtype(output_type))
+    return bytes(tf_lite._deduplicate_readonly_buffers(model))
+
+
+def _float_ops_error(floats: list[tuple[str, str]], float_model: FloatModel,
+                     calibration: Optional[Calibration], recipe: Recipe) -> ConversionError:
+    loaded = float_model.loaded
+    names = []
+    for op, tensor in floats:
+        layer = _layer_of(tensor, loaded.layer_names, loaded.model_name)
+        names.append(f"{op} (layer '{layer}')" if layer else f"{op} (at '{tensor.split(';')[0]}')")
+    uniq = list(dict.fromkeys(names))
+    hint = "replace the layer with ops that have integer kernels"
+    scheme = _scheme_of(recipe)
+    if recipe.activations == "int8" and calibration is not None:
+        # Only suggest int16x8 when it really gives a full-integer model.
+        try:
+            i16 = replace(recipe, name="int16x8", activations="int16", granularity="per-channel")
+            content = _tflite_converter(float_model, calibration, i16, "int16", "int16")
+            if not _float_ops(parse_tflite(content), "int16", "int16"):
+                hint = "--scheme int16x8 converts this model to full integer; or " + hint
+        except Exception:  # noqa: BLE001 - any failure means "no"
+            pass
+    return ConversionError(
+        f"{', '.join(uniq)} cannot be quantized to {scheme}: "
+        f"the converter left {'it' if len(uniq) == 1 else 'them'} in float32",
+        hint,
+    )
+
+
+# ---------------------------------------------------------------- stage 5: validate
+
+
+def validate(quantized: QuantizedModel, float_model: FloatModel, eval_data: Dataset,
+             calibration: Optional[Calibration] = None, worst_layers: int = 5,
+             progress: Optional[ProgressCallback] = None) -> Validation:
+    """Quantized vs float on ``eval_data``: accuracy, top-1 agreement, SQNR, max error; worst layers.
+
+    With a ``calibration``, also how the calibration ranges settle and (for
+    int8 recipes made by TensorFlow's converter) the layers with the largest
+    quantization error, measured with TensorFlow's quantization debugger on a
+    model quantized from the same recorded ranges.
+    """
+    t = time.perf_counter()
+    warns: list[str] = []
+    report(progress, "evaluate", "float reference")
+    ref = _float_reference(float_model, eval_data, progress)
+    got = _run_all(quantized.content, eval_data, progress, quantized.recipe.name)
+    fidelity = _fidelity(ref, got, eval_data.labels)
+    ranges = None
+    if calibration is not None:
+        try:
+            ranges = _range_settling(float_model.content, calibration.dataset)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic, never a failure
+            warns.append(f"calibration range settling not available ({_first_line(exc)[:200]})")
+    worst: tuple[LayerError, ...] = ()
+    recipe = quantized.recipe
+    if worst_layers > 0 and calibration is not None and recipe.quantizer == "tflite-converter" \
+            and recipe.activations == "int8":
+        report(progress, "evaluate", "per-layer quantization error")
+        try:
+            with quiet_tensorflow(), _frozen_heap():
+                worst = _worst_layers(calibration, recipe, eval_data, worst_layers, quantized.tflite,
+                                      float_model.loaded, quantized.keys)
+        except Exception as exc:  # noqa: BLE001 - the debugger is best effort
+            warns.append(f"per-layer error not available ({_first_line(exc)[:200]})")
+    return Validation(fidelity, eval_data.to_dict(), worst, ranges, tuple(warns), time.perf_counter() - t)
+
+
+def _float_reference(float_model: FloatModel, data: Dataset,
+                     progress: Optional[ProgressCallback]) -> dict[str, np.ndarray]:
+    """The float model's outputs on ``data``, computed once per (float model, dataset)."""
+    cache = _REFERENCES.setdefault(id(float_model), {})
+    key = (id(data), len(data))
+    if key not in cache:
+        cache[key] = _run_all(float_model.content, data, progress, "float")
+    return cache[key]
+
+
+# Float outputs per FloatModel (by id; a FloatModel is frozen and its content never changes). Small:
+# one entry per evaluation set; dropped when the process ends or with forget_reference().
+_REFERENCES: dict[int, dict[tuple[int, int], dict[str, np.ndarray]]] = {}
+
+
+def forget_reference(float_model: FloatModel) -> None:
+    """Drop the cached float outputs of ``float_model``."""
+    _REFERENCES.pop(id(float_model), None)
+
+
+# ---------------------------------------------------------------- stage 6: write
+
+
+def report_for(loaded: LoadedModel, float_model: FloatModel, calibration: Optional[Calibration],
+               quantized: QuantizedModel, validation: Optional[Validation], output: str | Path,
+               report_path: Optional[str | Path] = None, data: DataOptions = DataOptions(),
+               timings: Optional[dict[str, float]] = None, extra_warnings: Sequence[str] = ()) -> ConvertResult:
+    """The ``ConvertResult`` (and report) for one quantized model, before anything is written."""
+    recipe = quantized.recipe
+    out_path = Path(output)
+    rpath = Path(report_path) if report_path else default_report_path(out_path)
+    inputs, outputs = quantized.io()
+    warns = list(quantized.warnings) + list(extra_warnings)
+    if validation is not None:
+        warns += list(validation.warnings)
+    calib = calibration.dataset.to_dict() if calibration is not None else {"samples": 0, "available": 0}
+    scheme = _scheme_of(recipe)
+    return ConvertResult(
+        output=str(out_path),
+        report_path=str(rpath),
+        model=loaded.path,
+        model_format=loaded.fmt,
+        loader=loaded.loader,
+        scheme=scheme,
+        input_type=quantized.input_type,
+        output_type=quantized.output_type,
+        per_channel=recipe.per_channel,
+        calibration={**calib, "seed": data.seed, "ranges": validation.ranges if validation else None,
+                     "normalisation": {k: v for k, v in data.to_dict().items()
+                                       if k in ("mean", "std", "scale") and v is not None}},
+        float_bytes=float_model.size_bytes,
+        float_bytes_source="converted",
+        quant_bytes=quantized.size_bytes,
+        ops=quantized.tflite.op_counts,
+        static_shapes=quantized.static_shapes,
+        inputs=inputs,
+        outputs=outputs,
+        fidelity=validation.fidelity if validation else None,
+        evaluation=validation.evaluation if validation else None,
+        worst_layers=validation.worst_layers if validation else (),
+        warnings=tuple(dict.fromkeys(warns)),
+        timings_s={k: round(v, 3) for k, v in (timings or {}).items()},
+        sha256=quantized.tflite.sha256,
+        recipe=recipe,
+    )
+
+
+def write(quantized: QuantizedModel, result: ConvertResult) -> ConvertResult:
+    """Write the model and its report (``result.to_dict()``) atomically, or nothing at all."""
+    return _write_files(result, [(Path(result.output), quantized.content)])
+
+
+def write_report(result: ConvertResult) -> ConvertResult:
+    """Rewrite just the report of ``result`` (e.g. after the CLI added a target check)."""
+    return _write_files(result, [])
+
+
+def with_check(result: ConvertResult, target: str, check: dict[str, Any], summary: Sequence[str],
+               fits: bool) -> ConvertResult:
+    """``result`` with a target check attached (and a warning when the model does not fit)."""
+    warns = list(result.warnings)
+    if not fits:
+        warns.append(f"the converted model does not fit target {target} (see check)")
+    return replace(result, target=target, check=check, check_summary=tuple(summary), warnings=tuple(warns))
+
+
+def _write_files(result: ConvertResult, files: list[tuple[Path, bytes]]) -> ConvertResult:
+    report_path = Path(result.report_path)
+    payload = (json.dumps(result.to_dict(), indent=2, default=str) + "\n").encode("utf-8")
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for final, data in [*files, (report_path, payload)]:
+            tmp = temp_beside(final)
+            staged.append((tmp, final))
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except OSError as exc:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        where = getattr(exc, "filename", None) or report_path
+        raise InputError(f"cannot write {where}: {exc.strerror or exc}",
+                         "check free space and permissions, or choose another path") from None
+    return result
+
+
+
+# ---------------------------------------------------------------- helpers
 
 
 _TF_OP = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
@@ -586,15 +1145,6 @@ def _signature_names(content: bytes) -> dict[int, str]:
     return {int(d["index"]): k for k, d in details.items()}
 
 
-def _int16x8_is_full_integer(make: Callable[[], Any]) -> bool:
-    try:
-        with _frozen_heap():
-            content = make().convert()
-        return not _float_ops(parse_tflite(content), "int16", "int16")
-    except Exception:  # noqa: BLE001 - any failure means "no"
-        return False
-
-
 def _io(model: TfliteModel, keys: Optional[dict[int, str]] = None) -> tuple[tuple[IoQuant, ...], tuple[IoQuant, ...]]:
     keys = keys or {}
 
@@ -614,10 +1164,22 @@ def _io(model: TfliteModel, keys: Optional[dict[int, str]] = None) -> tuple[tupl
 
 
 def _runner(content: bytes) -> Any:
-    from ai_edge_litert.interpreter import Interpreter
+    """A signature runner with LiteRT's default delegate (XNNPACK), or built-in kernels if XNNPACK refuses.
 
-    interp = Interpreter(model_content=content)
-    return interp.get_signature_runner(_SIGNATURE)
+    XNNPACK refuses some models LiteRT's own kernels run (measured: 2-bit
+    blockwise weights, "unsupported datatype (INT2)"), and the refusal is an
+    error at prepare time, not a fallback.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    try:
+        interp = Interpreter(model_content=content)
+        interp.allocate_tensors()  # applies the default delegate: a refusal surfaces here
+        return interp.get_signature_runner(_SIGNATURE)
+    except RuntimeError:
+        interp = Interpreter(model_content=content,
+                             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        return interp.get_signature_runner(_SIGNATURE)
 
 
 def _run_all(content: bytes, data: Dataset, progress: Optional[ProgressCallback], label: str) -> dict[str, np.ndarray]:
@@ -675,10 +1237,13 @@ def _fidelity(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: Op
     return tuple(out)
 
 
-def _worst_layers(tf: Any, make_converter: Callable[[], Any], data: Dataset, limit: int,
-                  quant: TfliteModel, layer_names: Sequence[str], model_name: str,
-                  keys: dict[int, str]) -> tuple[LayerError, ...]:
+def _worst_layers(calibration: Calibration, recipe: Recipe, data: Dataset, limit: int,
+                  quant: TfliteModel, loaded: LoadedModel, keys: dict[int, str]) -> tuple[LayerError, ...]:
     """Rank layer outputs by RMS quantization error in units of their quantization step."""
+    tf = _tf()
+    from tensorflow.lite.python import convert as tf_convert
+
+    layer_names, model_name = loaded.layer_names, loaded.model_name
     n = min(len(data), 100)  # enough to rank layers; the full set is used for fidelity
     # The debugger feeds positional lists in the model's input order, not signature dicts.
     order = [io_.name for io_ in _io(quant)[0]]
@@ -690,7 +1255,11 @@ def _worst_layers(tf: Any, make_converter: Callable[[], Any], data: Dataset, lim
             sample = data.sample(i)
             yield [sample[k] for k in order]
 
-    debugger = tf.lite.experimental.QuantizationDebugger(converter=make_converter(), debug_dataset=dataset)
+    # The debug model QuantizationDebugger(converter=...) would build, from the ranges already recorded.
+    debug_model = tf_convert.mlir_quantize(calibration.calibrated, disable_per_channel=not recipe.per_channel,
+                                           enable_numeric_verify=True)
+    debugger = tf.lite.experimental.QuantizationDebugger(quant_debug_model_content=debug_model,
+                                                         debug_dataset=dataset)
     debugger.run()
     # The debug model names tensors "NumericVerify/<name><digit>:<index>"; match on the name
     # without trailing digits, among activations (not weights or biases).
@@ -764,46 +1333,6 @@ def _range_settling(float_content: bytes, calib: Dataset) -> Optional[dict[str, 
     return {"activations": len(watch), "checkpoints": rows, "settled_at": settled}
 
 
-@dataclass(frozen=True)
-class _Evaluation:
-    float_bytes: int
-    float_bytes_source: str = "estimated"
-    fidelity: Optional[tuple[OutputFidelity, ...]] = None
-    evaluation: Optional[dict[str, Any]] = None
-    ranges: Optional[dict[str, Any]] = None
-    worst_layers: tuple[LayerError, ...] = ()
-
-
-def _evaluate(tf: Any, make: Callable[..., Any], content: bytes, quant: TfliteModel, keys: dict[int, str],
-              loaded: _Loaded, calib: Dataset, data: Dataset, options: ConvertOptions,
-              progress: Optional[ProgressCallback], warns: list[str], timings: dict[str, float]) -> _Evaluation:
-    """Float reference vs quantized model on ``data``, range settling, and the worst layers."""
-    t = time.perf_counter()
-    report(progress, "evaluate", "float reference")
-    with _frozen_heap():
-        float_content = make(None).convert()
-    ref = _run_all(float_content, data, progress, "float")
-    got = _run_all(content, data, progress, options.scheme)
-    fidelity = _fidelity(ref, got, data.labels)
-    ranges = None
-    try:
-        ranges = _range_settling(float_content, calib)
-    except Exception as exc:  # noqa: BLE001 - a diagnostic, never a failure
-        warns.append(f"calibration range settling not available ({_first_line(exc)[:200]})")
-    timings["evaluate"] = time.perf_counter() - t
-    worst: tuple[LayerError, ...] = ()
-    if options.worst_layers > 0:
-        t = time.perf_counter()
-        report(progress, "evaluate", "per-layer quantization error")
-        try:
-            with _frozen_heap():
-                worst = _worst_layers(tf, lambda: make(prog=None), data, options.worst_layers,
-                                      quant, loaded.layer_names, loaded.model_name, keys)
-        except Exception as exc:  # noqa: BLE001 - the debugger is best effort
-            warns.append(f"per-layer error not available ({_first_line(exc)[:200]})")
-        timings["layers"] = time.perf_counter() - t
-    return _Evaluation(len(float_content), "converted", fidelity, data.to_dict(), ranges, worst)
-
 
 # ---------------------------------------------------------------- the entry point
 
@@ -821,10 +1350,31 @@ def _check_output(path: Path, what: str) -> None:
         raise InputError(f"{what} {path}: cannot write to {parent}", "choose a writable directory")
 
 
-def _temp_beside(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+def resolve_for_target(options: ConvertOptions, table: Optional[RecipeTable] = None) -> tuple[Recipe, Any]:
+    """The recipe ``options`` ask for, adjusted to ``options.target`` (loaded here), and the target.
+
+    A target without per-channel kernels gets per-tensor int8; a scheme the
+    target does not run is a ``UsageError`` before anything is converted.
+    """
+    table = table or load_recipes(options.recipes_file)
+    recipe = options.resolved_recipe(table)
+    if not options.target:
+        return recipe, None
+    try:
+        from edgeq.targets import load_target
+    except ImportError:
+        from edgeq.errors import TargetError
+
+        raise TargetError(f"cannot use target '{options.target}': target profiles are not installed",
+                          "reinstall edgeq, or convert without --target") from None
+    target = load_target(options.target)
+    scheme = _scheme_of(recipe)
+    if scheme in SCHEMES and not target.supports_scheme(scheme):
+        raise UsageError(f"target {target.name} does not support --scheme {scheme}",
+                         "use --scheme int8 for this target")
+    if options.recipe is None and recipe.activations == "int8":
+        recipe = table.get(recipe_for_scheme("int8", bool(target.per_channel)))
+    return recipe, target
 
 
 def convert(
@@ -834,178 +1384,66 @@ def convert(
     options: ConvertOptions = ConvertOptions(),
     progress: Optional[ProgressCallback] = None,
 ) -> ConvertResult:
-    """Convert ``model`` to a full-integer ``.tflite`` at ``output`` calibrated on ``calib``; write the report.
+    """Convert ``model`` with the chosen recipe (full int8 per-channel by default) to ``output``; write the report.
 
-    Raises ``ModelError``/``DataError``/``InputError`` for bad input,
-    ``ConversionError`` when the model cannot be made full-integer, and
-    ``UsageError``/``TargetError`` for options that do not go together.
+    Runs the stages: load, export_float, calibrate (static recipes), quantize,
+    validate (with ``options.eval_data``), write. Raises ``ModelError`` /
+    ``DataError`` / ``InputError`` for bad input, ``ConversionError`` when the
+    recipe cannot be made, ``RecipeError`` for an unknown or simulated recipe,
+    and ``UsageError`` / ``TargetError`` for options that do not go together.
+    The check against ``options.target`` is not run here (the CLI composes it).
     Nothing is written unless the whole conversion succeeds.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    input_type, output_type = options.resolved_io()
+    recipe, _target = resolve_for_target(options)
+    io_types = IoTypes(options.input_type, options.output_type)
+    io_types.resolve(recipe, None if options.recipe else options.scheme)
     model_path = Path(model)
     out_path = Path(output)
     report_path = Path(options.report_path) if options.report_path else default_report_path(out_path)
 
-    target = None
-    per_channel = options.per_channel
-    if options.target:
-        try:
-            from edgeq.targets import load_target
-        except ImportError:
-            raise TargetError(f"cannot use target '{options.target}': target profiles are not installed",
-                              "reinstall edgeq, or convert without --target") from None
-        target = load_target(options.target)
-        if options.scheme != "int8" and not target.supports_scheme(options.scheme):
-            raise UsageError(f"target {target.name} does not support --scheme {options.scheme}",
-                             "use --scheme int8 for this target")
-        if not target.supports_scheme(options.scheme):
-            raise UsageError(f"target {target.name} does not support the {options.scheme} scheme")
-        per_channel = bool(target.per_channel)
-
-    fmt = model_format(model_path)
+    model_format(model_path)
     _check_output(out_path, "output")
     _check_output(report_path, "report")
     if out_path.resolve() == report_path.resolve():
         raise UsageError("the report path is the model output path", "choose another --report")
 
-    written: list[Path] = []
-    try:
-        with quiet_tensorflow():
-            report(progress, "load", str(model_path))
-            tf = _tf()
-            loaded = _load_model(tf, model_path, fmt)
-            timings["load"] = time.perf_counter() - t0
+    with quiet_tensorflow():
+        report(progress, "load", str(model_path))
+        loaded = load_model(model_path, options.load)
+        timings["load"] = time.perf_counter() - t0
 
-            calib_data = load_dataset(calib, loaded.inputs, options.data, role="calibration")
-            eval_data = None
-            if options.eval_data:
-                eval_data = load_dataset(options.eval_data, loaded.inputs,
-                                         DataOptions(samples=options.eval_samples, seed=options.data.seed,
-                                                     mean=options.data.mean, std=options.data.std,
-                                                     scale=options.data.scale),
-                                         role="evaluation")
+        calib_data = load_dataset(calib, loaded.inputs, options.data, role="calibration")
+        eval_data = None
+        if options.eval_data:
+            eval_data = load_dataset(options.eval_data, loaded.inputs,
+                                     DataOptions(samples=options.eval_samples, seed=options.data.seed,
+                                                 mean=options.data.mean, std=options.data.std,
+                                                 scale=options.data.scale),
+                                     role="evaluation")
 
-            with tempfile.TemporaryDirectory(prefix="edgeq-convert-") as work:
-                saved = os.path.join(work, "saved_model")
-                t = time.perf_counter()
-                try:
-                    loaded.export(saved)
-                except Exception as exc:  # noqa: BLE001
-                    raise ModelError(f"cannot trace {model_path} with a batch size of 1 ({_first_line(exc)})",
-                                     "check that the model runs on one sample: model(x[:1])") from None
-                timings["export"] = time.perf_counter() - t
-
-                def make(io_types: Optional[tuple[str, str]] = (input_type, output_type),
-                         prog: Optional[ProgressCallback] = progress) -> Any:
-                    return _make_converter(tf, saved, options.scheme, io_types, per_channel, calib_data, prog)
-
-                t = time.perf_counter()
-                report(progress, "convert", "quantizing")
-                try:
-                    with _frozen_heap():
-                        content = make().convert()
-                except EdgeqError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the converter raises many kinds
-                    raise _converter_error(exc, options.scheme, loaded.layer_names, loaded.model_name) from exc
-                timings["convert"] = time.perf_counter() - t
-                quant = parse_tflite(content, str(out_path))
-                keys = _signature_names(content)
-
-                floats = _float_ops(quant, input_type, output_type)
-                if floats:
-                    names = []
-                    for op, tensor in floats:
-                        layer = _layer_of(tensor, loaded.layer_names, loaded.model_name)
-                        names.append(f"{op} (layer '{layer}')" if layer else f"{op} (at '{tensor.split(';')[0]}')")
-                    uniq = list(dict.fromkeys(names))
-                    hint = "replace the layer with ops that have integer kernels"
-                    if options.scheme == "int8" and (target is None or target.supports_scheme("int16x8")):
-                        # Only suggest int16x8 when it really gives a full-integer model.
-                        if _int16x8_is_full_integer(lambda: _make_converter(
-                                tf, saved, "int16x8", ("int16", "int16"), per_channel, calib_data, None)):
-                            hint = "--scheme int16x8 converts this model to full integer; or " + hint
-                    raise ConversionError(
-                        f"{', '.join(uniq)} cannot be quantized to {options.scheme}: "
-                        f"the converter left {'it' if len(uniq) == 1 else 'them'} in float32",
-                        hint,
-                    )
-
-                warns = []
-                static = all(d > 0 for t_ in quant.inputs for d in t_.shape_signature) and not any(
-                    op in quant.op_counts for op in DYNAMIC_SHAPE_OPS
-                )
-                if not static:
-                    dyn = [op for op in DYNAMIC_SHAPE_OPS if op in quant.op_counts]
-                    warns.append("the model has dynamic shapes" + (f" ({', '.join(dyn)} ops)" if dyn else "")
-                                 + "; microcontroller runtimes may not support them")
-
-                float_bytes = loaded.float_weight_bytes + (quant.size_bytes - quant.weight_bytes)
-                ev = _Evaluation(float_bytes=float_bytes)
-                if eval_data is not None:
-                    ev = _evaluate(tf, make, content, quant, keys, loaded, calib_data, eval_data, options,
-                                   progress, warns, timings)
-
-            tmp_model = _temp_beside(out_path)
-            written.append(tmp_model)
-            tmp_model.write_bytes(content)
-
-            check = None
-            check_summary: tuple[str, ...] = ()
-            if target is not None:
-                from edgeq.check import check_model
-                from edgeq.tflite_file import read_tflite
-
-                result = check_model(read_tflite(tmp_model), target)
-                check = result.to_dict()
-                check_summary = tuple(result.summary_lines())
-                if not result.fits:
-                    warns.append(f"the converted model does not fit target {target.name} (see check)")
-
-            inputs, outputs = _io(quant, keys)
-            timings["total"] = time.perf_counter() - t0
-            result_obj = ConvertResult(
-                output=str(out_path),
-                report_path=str(report_path),
-                model=str(model_path),
-                model_format=fmt,
-                loader=loaded.loader,
-                scheme=options.scheme,
-                input_type=input_type,
-                output_type=output_type,
-                per_channel=per_channel,
-                calibration={**calib_data.to_dict(), "seed": options.data.seed, "ranges": ev.ranges,
-                             "normalisation": {k: v for k, v in options.data.to_dict().items()
-                                               if k in ("mean", "std", "scale") and v is not None}},
-                float_bytes=int(ev.float_bytes),
-                float_bytes_source=ev.float_bytes_source,
-                quant_bytes=len(content),
-                ops=quant.op_counts,
-                static_shapes=static,
-                inputs=inputs,
-                outputs=outputs,
-                fidelity=ev.fidelity,
-                evaluation=ev.evaluation,
-                worst_layers=ev.worst_layers,
-                target=target.name if target is not None else None,
-                check=check,
-                check_summary=check_summary,
-                warnings=tuple(warns),
-                timings_s={k: round(v, 3) for k, v in timings.items()},
-                sha256=quant.sha256,
-            )
-            tmp_report = _temp_beside(report_path)
-            written.append(tmp_report)
-            tmp_report.write_text(json.dumps(result_obj.to_dict(), indent=2, default=str) + "\n")
-            os.replace(tmp_model, out_path)
-            written[0] = out_path
-            os.replace(tmp_report, report_path)
-            written.clear()
-            return result_obj
-    finally:
-        for p in written:
-            with contextlib.suppress(OSError):
-                p.unlink()
-
+        with tempfile.TemporaryDirectory(prefix="edgeq-convert-") as work:
+            float_model = export_float(loaded, work, progress)
+            timings["export"] = float_model.seconds
+            calibration = None
+            if recipe.needs_calibration:
+                calibration = calibrate(float_model, calib_data, progress)
+                timings["calibrate"] = calibration.seconds
+            quantized = quantize(float_model, calibration, recipe, io_types, progress)
+            timings["convert"] = quantized.seconds
+            validation = None
+            if eval_data is not None:
+                validation = validate(quantized, float_model, eval_data, calibration, options.worst_layers,
+                                      progress)
+                forget_reference(float_model)
+                timings["evaluate"] = validation.seconds
+    if calibration is None:
+        # The report still says which samples were given, even when the recipe needs no ranges.
+        calibration_info = Calibration(calib_data, b"")
+    else:
+        calibration_info = calibration
+    timings["total"] = time.perf_counter() - t0
+    result = report_for(loaded, float_model, calibration_info, quantized, validation, out_path, report_path,
+                        options.data, timings)
+    return write(quantized, result)

@@ -1,4 +1,9 @@
-"""``edgeq convert``: a float model to a calibrated full-integer ``.tflite`` (parse, call, render)."""
+"""``edgeq convert``: a float model to a quantized ``.tflite`` by recipe (parse, call, render).
+
+The command composes the library: ``edgeq.convert.convert`` (the stages), then
+with ``--target`` the check (``edgeq.check.check_model``) on what was written;
+with ``--max-drop`` the repair loop (``edgeq.repair.convert_with_budget``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import click
 
 from edgeq.calibration import DEFAULT_SAMPLES, DataOptions, parse_floats
 from edgeq.cli import main
-from edgeq.cli._common import clear_progress, echo_json, progress_printer
+from edgeq.cli._common import clear_progress, echo, echo_json, progress_printer
 
 # Names only: edgeq.convert (and with it TensorFlow) is imported when the command runs.
 _SCHEMES = ("int8", "int16x8")
@@ -17,7 +22,7 @@ _IO_TYPES = ("int8", "uint8", "int16", "float32")
 
 
 def default_output(model: str, scheme: str) -> Path:
-    """``models/net.keras`` -> ``./net_int8.tflite`` (in the working directory)."""
+    """``models/net.keras`` -> ``./net_int8.tflite`` (in the working directory; ``scheme`` or recipe name)."""
     p = Path(model.rstrip("/\\"))
     return Path(f"{p.stem if p.suffix else p.name}_{scheme}.tflite")
 
@@ -46,19 +51,43 @@ def default_output(model: str, scheme: str) -> Path:
 @click.option("--report", "report_path", type=click.Path(path_type=str),
               help="Report JSON [default: OUTPUT with .report.json].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--recipe", metavar="NAME",
+              help="Quantization recipe (e.g. int8, int8-per-tensor, int16x8, fp16, dynamic-int8, int4-dynamic); "
+                   "see targets/_recipes.toml [default: int8, or --scheme].")
+@click.option("--recipes", "recipes_file", metavar="FILE", type=click.Path(path_type=str),
+              help="Your own recipe table (TOML) instead of the shipped one.")
+@click.option("--unsafe-load", is_flag=True,
+              help="Let the model file run the Python code it carries (Lambda layers). Only for files you trust.")
+@click.option("--max-drop", type=click.FloatRange(min=0), metavar="PTS",
+              help="Accuracy budget: repair the model until it loses at most PTS points against float "
+                   "(needs --eval; exit 6 if no repair meets it).")
+@click.option("--train", "train_data", metavar="DATA",
+              help="Training data (inputs and labels) for quantization-aware training during --max-drop repair.")
+@click.option("--keep-best", is_flag=True, help="With --max-drop: write the best model even when over budget.")
 def convert(model: str, calib: str, target: Optional[str], samples: int, scheme: str,
             input_type: Optional[str], output_type: Optional[str], eval_data: Optional[str],
             mean: Optional[str], std: Optional[str], scale: Optional[float], seed: int,
-            output: Optional[str], report_path: Optional[str], as_json: bool) -> None:
-    """Convert MODEL (.keras, .h5 or SavedModel dir) to a full-integer .tflite.
+            output: Optional[str], report_path: Optional[str], as_json: bool, recipe: Optional[str],
+            recipes_file: Optional[str], unsafe_load: bool, max_drop: Optional[float],
+            train_data: Optional[str], keep_best: bool) -> None:
+    """Convert MODEL (.keras, .h5 or SavedModel dir) to a quantized .tflite (full int8 by default).
 
     Calibrates on samples of --calib, writes OUTPUT and OUTPUT.report.json
-    (sizes, ops, input/output quantization; with --eval also float vs
+    (recipe, sizes, ops, input/output quantization; with --eval also float vs
     quantized fidelity and the layers that lost the most), and with --target
-    checks the result against the target profile.
+    checks the result against the target profile. Model files are programs:
+    code inside a .keras/.h5 is refused unless --unsafe-load; a SavedModel and
+    a module:function data source run their code.
     """
-    from edgeq.convert import ConvertOptions, convert as run_convert
+    from edgeq.convert import ConvertOptions, LoadOptions
+    from edgeq.errors import UsageError
 
+    if recipe is not None and scheme != "int8":
+        raise UsageError("give either --recipe or --scheme, not both")
+    if (train_data or keep_best) and max_drop is None:
+        raise UsageError("--train and --keep-best go with --max-drop")
+    if max_drop is not None and not eval_data:
+        raise UsageError("--max-drop needs --eval DATA to measure the accuracy drop")
     options = ConvertOptions(
         scheme=scheme,
         input_type=input_type,
@@ -68,16 +97,62 @@ def convert(model: str, calib: str, target: Optional[str], samples: int, scheme:
         eval_data=eval_data,
         target=target,
         report_path=report_path,
+        recipe=recipe,
+        recipes_file=recipes_file,
+        load=LoadOptions(unsafe_load=unsafe_load),
     )
-    out = output or str(default_output(model, scheme))
+    out = output or str(default_output(model, recipe or scheme))
     show = not as_json
-    result = run_convert(model, calib, out, options, progress=progress_printer(show))
+    progress = progress_printer(show)
+    if max_drop is not None:
+        _convert_with_budget(model, calib, out, options, max_drop, train_data, keep_best, target, progress,
+                             show, as_json)
+        return
+    result = _convert_and_check(model, calib, out, options, progress)
     clear_progress(show)
     if as_json:
         echo_json(result.to_dict())
         return
     for line in summary_lines(result):
-        click.echo(line)
+        echo(line)
+
+
+def _convert_and_check(model: str, calib: str, out: str, options, progress):  # type: ignore[no-untyped-def]
+    """Convert (the stages), then check what was written against the target, if any."""
+    from edgeq.convert import convert as run_convert, resolve_for_target, with_check, write_report
+
+    # The target is loaded (and its constraints applied) before anything is converted.
+    _recipe, target = resolve_for_target(options)
+    result = run_convert(model, calib, out, options, progress=progress)
+    if target is None:
+        return result
+    from edgeq.check import check_model
+    from edgeq.tflite_file import read_tflite
+
+    checked = check_model(read_tflite(result.output), target)
+    result = with_check(result, target.name, checked.to_dict(), checked.summary_lines(), checked.fits)
+    return write_report(result)
+
+
+def _convert_with_budget(model: str, calib: str, out: str, options, max_drop: float,  # type: ignore[no-untyped-def]
+                         train_data: Optional[str], keep_best: bool, target: Optional[str], progress,
+                         show: bool, as_json: bool) -> None:
+    try:
+        from edgeq.repair import RepairOptions, convert_with_budget
+    except ImportError:
+        from edgeq.errors import EdgeqError
+
+        raise EdgeqError("--max-drop needs edgeq.repair, which this installation lacks",
+                         "reinstall edgeq, or convert without --max-drop") from None
+    result = convert_with_budget(model, calib, out, options,
+                                 RepairOptions(max_drop=max_drop, train_data=train_data, keep_best=keep_best),
+                                 target=target, progress=progress)
+    clear_progress(show)
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    for line in result.summary_lines():
+        echo(line)
 
 
 def _kb(n: int) -> str:
@@ -92,12 +167,18 @@ def summary_lines(result) -> list[str]:  # type: ignore[no-untyped-def]
     """A compact, readable terminal summary of a ``ConvertResult``."""
     r = result
     est = " (est.)" if r.float_bytes_source == "estimated" else ""
+    recipe = r.recipe
+    what = (f"recipe {recipe.name}: {recipe.weights_bits}-bit weights {recipe.granularity_label()}, "
+            f"{recipe.activations} activations" if recipe is not None and recipe.name not in ("int8", "int16x8",
+                                                                                                 "int8-per-tensor")
+            else f"{r.scheme}, {'per-channel' if r.per_channel else 'per-tensor'} weights")
+    calib_note = f", {r.calibration['samples']} calibration samples" if r.calibration.get("samples") else ""
     lines = [
-        f"wrote {r.output}  ({r.scheme}, {'per-channel' if r.per_channel else 'per-tensor'} weights, "
-        f"{r.calibration['samples']} calibration samples)",
+        f"wrote {r.output}  ({what}{calib_note})",
         f"report {r.report_path}",
         "",
-        f"  size      float32 {_kb(r.float_bytes)}{est} -> {r.scheme} {_kb(r.quant_bytes)}  (x{r.size_ratio:.2f})",
+        f"  size      float32 {_kb(r.float_bytes)}{est} -> {recipe.name if recipe else r.scheme} "
+        f"{_kb(r.quant_bytes)}  (x{r.size_ratio:.2f})",
         "  ops       " + ", ".join(f"{op} x{n}" for op, n in r.ops.items()),
     ]
     for kind, items in (("input", r.inputs), ("output", r.outputs)):
