@@ -97,3 +97,53 @@ def cos_keras(path: Path, op: str = "cos") -> Path:
     out = keras.layers.Dense(3, name="head")(h)
     keras.Model(x, out, name="cosnet").save(path)
     return path
+
+
+def _touching_lambda(marker: Path):  # type: ignore[no-untyped-def]
+    """A lambda whose bytecode creates ``marker`` when it runs (as a hostile model file would run code)."""
+    return eval(f"lambda t: (__import__('pathlib').Path({str(marker)!r}).touch(), t)[1]")  # noqa: S307
+
+
+def lambda_h5(path: Path, marker: Path, depthwise: bool = False) -> Path:
+    """A legacy ``.h5`` (tf_keras) with a Lambda layer that creates ``marker`` when the model is rebuilt.
+
+    With ``depthwise``, a DepthwiseConv2D comes first: Keras 3 then fails on its
+    legacy config before it reaches the Lambda, so only a check of the file
+    itself stands between the bytecode and tf_keras.
+    """
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(0)
+    if depthwise:
+        head = [tf_keras.layers.Input((8, 8, 1), name="image"),
+                tf_keras.layers.DepthwiseConv2D(3, padding="same", name="depthwise"),
+                tf_keras.layers.Flatten(name="flatten")]
+    else:
+        head = [tf_keras.layers.Input((8,), name="x"), tf_keras.layers.Dense(8, name="dense_in")]
+    model = tf_keras.Sequential(
+        head + [
+            tf_keras.layers.Lambda(_touching_lambda(marker), name="evil"),
+            tf_keras.layers.Dense(3, name="head"),
+        ],
+        name="lambdanet",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.save(path, save_format="h5")
+    if marker.exists():  # building the model above ran the lambda once, here, on purpose
+        marker.unlink()
+    return path
+
+
+def lambda_keras(path: Path, marker: Path) -> Path:
+    """A Keras 3 ``.keras`` with the same Lambda layer (Keras 3's safe mode refuses it)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    x = keras.layers.Input((8,), name="x")
+    h = keras.layers.Dense(8, name="dense_in")(x)
+    h = keras.layers.Lambda(_touching_lambda(marker), name="evil")(h)
+    keras.Model(x, keras.layers.Dense(3, name="head")(h), name="lambdanet").save(path)
+    if marker.exists():
+        marker.unlink()
+    return path

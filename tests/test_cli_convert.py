@@ -41,7 +41,8 @@ def test_convert_help_lists_the_options():
     r = CliRunner().invoke(main, ["convert", "--help"])
     assert r.exit_code == 0
     for opt in ("--calib", "--target", "--samples", "--input-type", "--output-type", "--scheme", "--eval",
-                "--mean", "--std", "--scale", "--report", "--json", "--seed"):
+                "--mean", "--std", "--scale", "--report", "--json", "--seed", "--recipe", "--recipes",
+                "--unsafe-load", "--max-drop", "--train", "--keep-best"):
         assert opt in r.output
 
 
@@ -152,3 +153,84 @@ def test_int16x8_refused_for_a_target_without_it(tmp_path, fake_keras):
     assert r.exit_code == 2
     assert f"target {name} does not support --scheme int16x8" in r.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_h5_with_code_is_one_line_and_unsafe_load_opts_in(tmp_path, calib_npy, ledger):
+    from tests import convert_models
+
+    marker = tmp_path / "MARKER"
+    model = convert_models.lambda_h5(tmp_path / "evil.h5", marker, depthwise=True)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    r = _run(str(model), "--calib", str(calib_npy), "-o", str(out_dir / "o.tflite"), "--samples", "10")
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Lambda layer 'evil'" in lines[0]
+    assert "--unsafe-load" in lines[0] and "Traceback" not in r.output
+    assert not marker.exists() and list(out_dir.iterdir()) == []
+    r = _run(str(model), "--calib", str(calib_npy), "-o", str(out_dir / "o.tflite"), "--samples", "10",
+             "--unsafe-load")
+    assert r.exit_code == 0, r.output
+    assert marker.exists() and (out_dir / "o.tflite").is_file()
+    ledger("bad_input", "h5 with code")
+
+
+@pytest.mark.slow
+def test_recipe_option_and_report(tmp_path, digits_keras, calib_npy, digits_eval_npz):
+    out = tmp_path / "d.tflite"
+    r = _run(str(digits_keras), "--calib", str(calib_npy), "--recipe", "int4-dynamic", "-o", str(out),
+             "--eval", str(digits_eval_npz), "--samples", "20")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "d.report.json").read_text())
+    assert report["recipe"]["name"] == "int4-dynamic" and report["recipe"]["weights_bits"] == 4
+    assert report["input_type"] == "float32" and "recipe int4-dynamic: 4-bit weights" in r.output
+    assert report["fidelity"][0]["top1_agreement"] > 0.8
+
+
+def test_unknown_recipe_is_one_line_listing_the_known(tmp_path, fake_keras, ledger):
+    r = _run(str(fake_keras), "--calib", "c.npy", "--recipe", "int3", "-o", str(tmp_path / "o.tflite"))
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown recipe 'int3'; choose one of fp32, fp16")
+    assert list(tmp_path.iterdir()) == []
+    ledger("bad_input", "unknown recipe name")
+
+
+def test_simulated_recipe_is_refused(tmp_path, fake_keras):
+    r = _run(str(fake_keras), "--calib", "c.npy", "--recipe", "sim-kmeans4", "-o", str(tmp_path / "o.tflite"))
+    assert r.exit_code == 1
+    assert "recipe 'sim-kmeans4' is simulated" in r.output and "never written as a .tflite" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_recipe_file_names_file_and_key(tmp_path, fake_keras, ledger):
+    bad = tmp_path / "mine.toml"
+    bad.write_text('[[recipe]]\nname = "x8"\nweights_bits = 8\nactivations = "int8"\ngranularity = "per-channel"\n'
+                   'quantizer = "tflite-converter"\nexecutable = true\nspeed = "fast"\n')
+    r = _run(str(fake_keras), "--calib", "c.npy", "--recipes", str(bad), "--recipe", "x8",
+             "-o", str(tmp_path / "o.tflite"))
+    assert r.exit_code == 1
+    assert r.output.strip() == f"error: {bad}:x8.speed: unknown key; known keys: " + ", ".join(sorted(
+        ["name", "description", "weights_bits", "activations", "granularity", "block_size", "quantizer",
+         "executable", "runtimes", "accelerated_on", "method", "centroids"]))
+    ledger("bad_input", "recipe file with an unknown key")
+
+
+def test_max_drop_needs_eval_and_train_needs_max_drop(tmp_path, fake_keras):
+    r = _run(str(fake_keras), "--calib", "c.npy", "--max-drop", "1", "-o", str(tmp_path / "o.tflite"))
+    assert r.exit_code == 2 and "--max-drop needs --eval" in r.output
+    r = _run(str(fake_keras), "--calib", "c.npy", "--keep-best", "-o", str(tmp_path / "o.tflite"))
+    assert r.exit_code == 2 and "--train and --keep-best go with --max-drop" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_target_check_is_composed_by_the_cli(tmp_path, digits_keras, calib_npy):
+    out = tmp_path / "m4.tflite"
+    r = _run(str(digits_keras), "--calib", str(calib_npy), "--target", "cortex-m4", "-o", str(out),
+             "--samples", "50")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "m4.report.json").read_text())
+    assert report["target"] == "cortex-m4" and report["check"]["fits"] is True
+    assert "check against cortex-m4" in r.output

@@ -304,3 +304,31 @@ def test_int16x8_refused_for_a_target_without_it(tmp_path, fake_keras):
         convert(fake_keras, tmp_path / "c.npy", tmp_path / "o.tflite",
                 ConvertOptions(target="esp32-s3", scheme="int16x8"))
     _nothing_written(tmp_path)
+
+
+# ---------------------------------------------------------------- untrusted model files (issue 11)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["h5", "h5-depthwise", "keras"])
+def test_model_code_is_refused_without_unsafe_load(tmp_path, vector_calib, calib_npy, kind, ledger):
+    from edgeq.convert import LoadOptions
+
+    marker = tmp_path / "MARKER"
+    if kind == "keras":
+        model = convert_models.lambda_keras(tmp_path / "evil.keras", marker)
+    else:
+        model = convert_models.lambda_h5(tmp_path / "evil.h5", marker, depthwise=kind == "h5-depthwise")
+    calib = calib_npy if kind == "h5-depthwise" else vector_calib
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(ModelError, match=r"carries Python code .*--unsafe-load") as err:
+        convert(model, calib, out_dir / "o.tflite")
+    assert "\n" not in str(err.value)
+    assert not marker.exists(), "loading the model ran the code it carries"
+    _nothing_written(out_dir)
+    # The explicit opt-in loads it (and so runs its code).
+    result = convert(model, calib, out_dir / "o.tflite",
+                     ConvertOptions(load=LoadOptions(unsafe_load=True), data=DataOptions(samples=10)))
+    assert marker.exists() and result.outputs[0].shape == (1, 3)
+    ledger("bad_input", f"{kind} with code")
