@@ -37,9 +37,18 @@ from edgeq.targets import TargetProfile, load_target
 
 OBJECTIVES = ("latency", "size", "energy")
 DEFAULT_MAX_DROP = 1.0
+TIE_TOLERANCE = 0.05  # latencies (and energies) within 5% of the lowest are a tie: run-to-run noise
 SWEEP_JSON = "sweep.json"
 SWEEP_HTML = "sweep.html"
 SCHEMA = "edgeq.sweep/1"
+
+
+class NoQualifyingRecipe(NoRecipeQualifies):
+    """No recipe qualified; ``result`` is the full sweep (already written), so the table can still be shown."""
+
+    def __init__(self, message: str, hint: Optional[str], result: "SweepResult") -> None:
+        super().__init__(message, hint)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -276,18 +285,32 @@ def choose(outcomes: Sequence[RecipeOutcome], objective: str, max_drop: float,
     pool = accelerated or candidates
     best: Optional[RecipeOutcome] = None
     if pool:
-        best = min(pool, key=lambda r: (_objective_value(r, objective), r.size_bytes or 0, r.name))
+        # Ties on the objective (estimates of recipes with the same MACs are equal): fewer points lost, then
+        # the smaller file, then the name.
+        # Latency and energy within TIE_TOLERANCE of the fastest count as a tie (timing noise); then fewer
+        # points lost, then the smaller file, then the name decide.
+        tol = 0.0 if objective == "size" else TIE_TOLERANCE
+        lowest = min(_objective_value(r, objective) for r in pool)  # type: ignore[type-var]
+        tied = [r for r in pool if _objective_value(r, objective) <= lowest * (1 + tol)]  # type: ignore[operator]
+        best = min(tied, key=lambda r: (r.drop_points, r.size_bytes or 0, _objective_value(r, objective), r.name))
         bv = _objective_value(best, objective)
         for r in pool:
             if r is best:
                 continue
             v = _objective_value(r, objective)
-            word = {"latency": "slower", "size": "bigger", "energy": "uses more energy"}[objective]
-            if v == bv:
-                word = {"latency": "as fast", "size": "as small", "energy": "same energy"}[objective] + \
-                    ", but a bigger file" if (r.size_bytes or 0) > (best.size_bytes or 0) else "tie, lost on the name"
-                reasons[r.name] = f"{word} ({_fmt_objective(v, objective)})"
+            if r in tied:
+                same = {"latency": "as fast", "size": "as small", "energy": "same energy"}[objective]
+                if tol:
+                    same += f" within {tol:.0%}"
+                if (r.drop_points or 0) > (best.drop_points or 0):
+                    reasons[r.name] = (f"{same} ({_fmt_objective(v, objective)}) but less accurate: loses "
+                                       f"{r.drop_points:.2f} points vs {best.drop_points:.2f}")
+                elif (r.size_bytes or 0) > (best.size_bytes or 0):
+                    reasons[r.name] = f"{same} ({_fmt_objective(v, objective)}) but a bigger file"
+                else:
+                    reasons[r.name] = f"{same} ({_fmt_objective(v, objective)}); tie broken by name"
             else:
+                word = {"latency": "slower", "size": "bigger", "energy": "uses more energy"}[objective]
                 reasons[r.name] = f"{word}: {_fmt_objective(v, objective)} vs {_fmt_objective(bv, objective)}"
         reasons[best.name] = None
     out = []
@@ -365,7 +388,7 @@ def _device_dict(d: Any) -> dict[str, Any]:
     emulation = (d.device or {}).get("emulation") or {}
     return {
         "host": d.host,
-        "latency_ms": {"p50": round(lat.p50, 4), "p90": round(lat.p90, 4), "p99": round(lat.p99, 4),
+        "latency_ms": {"p50": round(lat.p50, 6), "p90": round(lat.p90, 6), "p99": round(lat.p99, 6),
                        "runs": lat.count},
         "peak_rss_bytes": d.peak_rss_bytes,
         "accuracy": d.accuracy,
@@ -484,8 +507,8 @@ def sweep(model: str | Path, calib: str | Path, eval: str | Path, target: str | 
         timings_s={k: round(v, 3) for k, v in timings.items()}, warnings=tuple(warnings))
     write_outputs(result)
     if recommended is None:
-        raise NoRecipeQualifies(reason, f"see {result.html_path}; raise --max-drop, pick another target, or add "
-                                        "recipes with --recipes/--recipe-file")
+        raise NoQualifyingRecipe(reason, f"see {result.html_path}; raise --max-drop, pick another target, or add "
+                                         "recipes with --recipes/--recipe-file", result)
     return result
 
 

@@ -15,21 +15,22 @@ from typing import Any, Optional
 
 from edgeq.escape import Html, html, html_join, tag
 
-_W, _H = 540, 340
+_W, _H = 520, 360
 _ML, _MR, _MT, _MB = 60, 20, 20, 50
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2630;max-width:1180px}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2630;max-width:1200px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:26px 0 8px}
 .sub{color:#5b6875;margin:0 0 16px}.charts{display:flex;flex-wrap:wrap;gap:18px}
-.chart{border:1px solid #d8dee4;border-radius:6px;padding:8px 10px;background:#fff}
+.chart{border:1px solid #d8dee4;border-radius:6px;padding:8px 10px;background:#fff;width:540px}
 .chart h3{font-size:14px;margin:2px 0 6px}.note{font-size:12px;color:#5b6875;margin:4px 0}
 table{border-collapse:collapse;font-size:12.5px;width:100%}th,td{padding:4px 6px;border-bottom:1px solid #e5e9ed;
 text-align:right;vertical-align:top}th{background:#f3f5f7;position:sticky;top:0}td.l,th.l{text-align:left}
-tr.rec td{background:#e9f7ee;font-weight:600}tr.sim td{color:#6b7785}.why{color:#5b6875;font-weight:400}
+tr.rec td{background:#e9f7ee;font-weight:600}td.verdict{text-align:left;min-width:230px}.scroll{overflow-x:auto}tr.sim td{color:#6b7785}.why{color:#5b6875;font-weight:400}
 .rec-box{background:#e9f7ee;border:1px solid #9fd8b2;border-radius:6px;padding:10px 12px}
 .warn{background:#fff6e0;border:1px solid #f0d48a;border-radius:6px;padding:8px 12px;font-size:13px}
 .legend span{margin-right:14px;font-size:12px}
 """
+_ZOOM_POINTS = 15.0  # accuracy points below the best shown to scale
 _COLORS = {"recommended": "#1a9c4a", "qualifies": "#2f6fb3", "lost": "#8aa4c0", "nofit": "#d0453a",
            "simulated": "#9aa3ad"}
 
@@ -125,11 +126,16 @@ def _chart(title: str, xlabel: str, ylabel: str, pts: list[tuple[float, float, s
     ys = [p[1] for p in pts]
     log = min(xs) > 0 and max(xs) / min(xs) > 20
     x_lo, x_hi = (min(xs) / 1.3, max(xs) * 1.3) if log else (0.0, max(xs) * 1.15 or 1.0)
-    y_lo, y_hi = min(ys), max(ys)
+    # Zoom on the useful band: recipes far below the best are pinned to the bottom edge (value in the label),
+    # so one broken level does not squash the ones worth choosing between.
+    top = max(ys)
+    near = [y for y in ys if y >= top - _ZOOM_POINTS]
+    y_lo, y_hi = min(near), top
     pad = max((y_hi - y_lo) * 0.15, 0.5)
-    y_lo, y_hi = max(0.0, y_lo - pad), min(100.0, y_hi + pad) if y_hi <= 100 else y_hi + pad
+    y_lo, y_hi = max(0.0, y_lo - pad), (min(100.0, y_hi + pad) if y_hi <= 100 else y_hi + pad)
     if y_hi <= y_lo:
         y_hi = y_lo + 1
+    pinned = any(y < y_lo for y in ys)
 
     def sx(x: float) -> float:
         if log:
@@ -163,19 +169,33 @@ def _chart(title: str, xlabel: str, ylabel: str, pts: list[tuple[float, float, s
         d = f"M{sx(front[0][0]):.1f},{sy(front[0][1]):.1f} " + " ".join(
             f"H{sx(x):.1f} V{sy(y):.1f}" for x, y, _n in front[1:])
         parts.append(tag("path", d=d, fill="none", stroke="#1a9c4a", stroke_width="1.5", stroke_dasharray="4 3"))
-    for x, y, name, status in pts:
-        cx, cy = sx(x), sy(y)
+    placed: list[tuple[float, float, float]] = []  # label boxes (x0, x1, y) already drawn
+    for x, y, name, status in sorted(pts, key=lambda p: (p[3] != "recommended", p[0], -p[1])):
+        shown_y = max(y, y_lo)
+        cx, cy = sx(x), sy(shown_y)
         color = _COLORS.get(status, "#2f6fb3")
-        title = tag("title", f"{name}: {x:.4g}, {y:.2f}")
+        tip = tag("title", f"{name}: {x:.4g}, {y:.2f}")
+        label = name if y >= y_lo else f"{name} ({y:.1f}, below the axis)"
+        lx, width = cx + 8, 6.2 * len(label)
+        for dy in (-6, 12, -18, 24, -30, 36, -42, 48):
+            ly = cy + dy
+            if _MT + 8 <= ly <= _H - _MB - 2 and not any(
+                    lx < bx1 and bx0 < lx + width and abs(ly - by) < 11 for bx0, bx1, by in placed):
+                break
+        else:
+            ly = cy - 6
+        placed.append((lx, lx + width, ly))
         if status == "simulated":
-            parts.append(tag("circle", title, cx=f"{cx:.1f}", cy=f"{cy:.1f}", r="5", fill="#fff", stroke=color,
+            parts.append(tag("circle", tip, cx=f"{cx:.1f}", cy=f"{cy:.1f}", r="5", fill="#fff", stroke=color,
                              stroke_width="2"))
         else:
-            parts.append(tag("circle", title, cx=f"{cx:.1f}", cy=f"{cy:.1f}", r="6" if status == "recommended" else "5",
+            parts.append(tag("circle", tip, cx=f"{cx:.1f}", cy=f"{cy:.1f}", r="6" if status == "recommended" else "5",
                              fill=color))
-        parts.append(tag("text", name, x=f"{cx + 8:.1f}", y=f"{cy - 6:.1f}", font_size="11", fill="#1d2630"))
+        parts.append(tag("text", label, x=f"{lx:.1f}", y=f"{ly:.1f}", font_size="11", fill="#1d2630"))
     svg = Html(f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}" '
                f'role="img">{html_join(parts)}</svg>')
+    if pinned:
+        note = f"{note}; points more than {_ZOOM_POINTS:g} points below the best sit on the bottom edge"
     return tag("div", tag("h3", title), svg, tag("p", note, class_="note"), class_="chart")
 
 
@@ -188,6 +208,8 @@ def render_html(doc: dict[str, Any]) -> str:
 
     size_pts, lat_pts = [], []
     labels = set()
+    has_device = isinstance(doc.get("device"), dict)
+    left_out: list[str] = []
     for r in recipes:
         q = _quality(r, metric)
         if q is None:
@@ -199,20 +221,25 @@ def render_html(doc: dict[str, Any]) -> str:
             size_pts.append((size / 1024, 100 * q, name, status))
         lat = _latency(r)
         if lat is not None and lat > 0 and r.get("executable") is True:
+            if has_device and latency_label(r) == "estimate":
+                left_out.append(name)  # measured and estimated latencies do not share an axis
+                continue
             lat_pts.append((lat, 100 * q, name, status))
             labels.add(latency_label(r))
     if labels == {"device"}:
-        lat_title, lat_note = "accuracy vs latency (device-measured p50)", "latency measured on the device (p50)"
+        lat_title, lat_note = f"{metric_word} vs latency (device-measured p50)", "latency measured on the device (p50)"
     elif labels == {"emulated"}:
-        lat_title = "accuracy vs latency (emulated device: p50 under emulation)"
+        lat_title = f"{metric_word} vs latency (emulated device: p50 under emulation)"
         lat_note = ("latency measured on an emulated device (qemu): it ranks recipes on that emulator, "
                     "not on the real chip")
     elif labels == {"estimate"}:
-        lat_title = "accuracy vs latency (estimate)"
+        lat_title = f"{metric_word} vs latency (estimate)"
         lat_note = "latency is the target profile's estimate from MAC counts, not a measurement"
     else:
-        lat_title = "accuracy vs latency (mixed: " + ", ".join(sorted(labels)) + ")"
+        lat_title = f"{metric_word} vs latency (mixed: " + ", ".join(sorted(labels)) + ")"
         lat_note = "each point's latency source is in the table"
+    if left_out:
+        lat_note += f"; not measured on the device, so not shown: {', '.join(left_out)}"
     size_note = ("simulated levels (hollow) show compressed weight size; they are never written or recommended")
 
     charts = tag("div",
@@ -226,8 +253,8 @@ def render_html(doc: dict[str, Any]) -> str:
                                                       ("simulated", _COLORS["simulated"]))],
                  tag("span", "dashed line: Pareto front"), class_="legend")
 
-    head = [tag("th", h, class_="l" if i in (0, 15) else None) for i, h in enumerate(
-        ("recipe", "weights", "activations", "granularity", "size", metric_word, "agreement", "SQNR dB", "fits",
+    head = [tag("th", h, class_="l" if i in (0, 14) else None) for i, h in enumerate(
+        ("recipe", "weights", "activations", "size", metric_word, "agreement", "SQNR dB", "fits",
          "accelerated", "latency ms", "source", "p99 ms", "peak RSS", "energy mJ (est.)", "verdict"))]
     rows = []
     for r in sorted(recipes, key=lambda r: (r.get("name") != rec, r.get("executable") is not True)):
@@ -242,10 +269,9 @@ def render_html(doc: dict[str, Any]) -> str:
         cls = "rec" if r.get("name") == rec else ("sim" if r.get("executable") is not True else None)
         verdict = r.get("verdict") or r.get("error") or ""
         cells = [
-            tag("td", tag("b", r.get("name", "?")), tag("div", r.get("description", ""), class_="why"), class_="l"),
-            tag("td", f"{_fmt(r.get('weights_bits'))}-bit"),
+            tag("td", tag("b", r.get("name", "?")), class_="l", title=r.get("description", "")),
+            tag("td", f"{_fmt(r.get('weights_bits'))}-bit ", tag("span", r.get("granularity", ""), class_="why")),
             tag("td", r.get("activations", "")),
-            tag("td", r.get("granularity", "")),
             tag("td", _kb(r.get("size_bytes")) + ("*" if r.get("executable") is not True else "")),
             tag("td", _pct(host.get(metric))),
             tag("td", _pct(host.get("agreement"))),
@@ -257,7 +283,7 @@ def render_html(doc: dict[str, Any]) -> str:
             tag("td", _fmt(p99, 3)),
             tag("td", _kb(dev.get("peak_rss_bytes"))),
             tag("td", _fmt(r.get("energy_mj"), 3)),
-            tag("td", verdict, class_="l why" if r.get("name") != rec else "l"),
+            tag("td", verdict, class_="verdict why" if r.get("name") != rec else "verdict"),
         ]
         rows.append(tag("tr", *cells, class_=cls))
     table = tag("table", tag("thead", tag("tr", *head)), tag("tbody", *rows))
@@ -286,7 +312,7 @@ def render_html(doc: dict[str, Any]) -> str:
                  + f"; {dev_line}", class_="sub"),
         rec_box,
         tag("h2", "Pareto charts"), legend, charts,
-        tag("h2", "All recipes"), table,
+        tag("h2", "All recipes"), tag("div", table, class_="scroll"),
         tag("p", "* simulated: size of the compressed weights, not a .tflite. Energy per inference is an estimate "
                  "from the target profile's published power figures and the latency shown (never a measurement).",
             class_="note"),
