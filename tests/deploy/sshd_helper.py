@@ -8,6 +8,11 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from edgeq.transport import SSHOptions
 
 SSHD = Path("/usr/sbin/sshd")
 
@@ -46,7 +51,9 @@ class Sshd:
 class SshdProcess:
     """An ``sshd -D`` child with a private config; ``stop()`` ends it (by its own pid)."""
 
-    def __init__(self, d: Path, client_key: Path, wrong_key: Path, extra_authorized: tuple[Path, ...] = ()) -> None:
+    def __init__(self, d: Path, client_key: Path, wrong_key: Path, extra_authorized: tuple[Path, ...] = (),
+                 extra_config: str = "") -> None:
+        """``extra_config`` lines go first: sshd keeps the first value of a keyword, so they win."""
         if not SSHD.exists():
             raise RuntimeError("/usr/sbin/sshd is missing; run `make sysdeps` (scripts/system-deps.sh)")
         d.mkdir(parents=True, exist_ok=True)
@@ -55,7 +62,7 @@ class SshdProcess:
         (d / "authorized_keys").write_text("".join(keys))
         port = free_port()
         cfg = d / "sshd_config"
-        cfg.write_text(f"""Port {port}
+        cfg.write_text(extra_config.strip() + "\n" + f"""Port {port}
 ListenAddress 127.0.0.1
 HostKey {host_key}
 PidFile {d / 'sshd.pid'}
@@ -93,3 +100,57 @@ LogLevel VERBOSE
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+
+
+# ------------------------------------------------ fixtures for tests outside tests/deploy
+# (tests/test_ssh_*.py import these; tests/deploy and tests/fleet have their own in conftest.py)
+
+
+@pytest.fixture(scope="module")
+def ssh_server(tmp_path_factory) -> Iterator[Sshd]:
+    """A real ``/usr/sbin/sshd -D`` on 127.0.0.1 for one test module (LogLevel DEBUG1: the log shows requests)."""
+    yield from _serve(tmp_path_factory, "LogLevel DEBUG1")
+
+
+def _serve(tmp_path_factory, extra_config: str = "") -> Iterator[Sshd]:
+    if not SSHD.exists():
+        pytest.fail("/usr/sbin/sshd is missing; run `make sysdeps` (scripts/system-deps.sh)")
+    d = tmp_path_factory.mktemp("sshd")
+    try:
+        server = SshdProcess(d, keygen(d / "client_key"), keygen(d / "wrong_key"), extra_config=extra_config)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server.info
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def ssh_opts(ssh_server: Sshd, tmp_path: Path, monkeypatch) -> SSHOptions:
+    """Options that use only test files: this server's key in a fresh known_hosts, no ~/.ssh, no agent,
+    no system-wide known_hosts."""
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    kh = tmp_path / "known_hosts"
+    kh.write_text(ssh_server.known_hosts_line())
+    return SSHOptions(identity=str(ssh_server.client_key), known_hosts=str(kh), connect_timeout=5.0,
+                      ssh_config=str(tmp_path / "no_ssh_config"), allow_agent=False, global_known_hosts=())
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def gone_within(pids: list[int], seconds: float) -> bool:
+    """True when none of ``pids`` is alive, waiting up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
