@@ -28,9 +28,12 @@ def _runner(python: str, *args: str) -> dict:
 def test_probe_on_device_venv(device_python, tmp_path):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "m").write_bytes(b"x")
-    doc = _runner(device_python, "probe", "--dir", str(tmp_path), "--have", "models/m", "--have", "models/n")
+    x_sha = hashlib.sha256(b"x").hexdigest()
+    doc = _runner(device_python, "probe", "--dir", str(tmp_path), "--have", "models/m", x_sha,
+                  "--have", "models/n", x_sha)
     assert doc["ok"] and doc["runtime"] == {"name": "tflite_runtime", "version": "2.14.0"}
-    assert doc["numpy"].startswith("1.") and doc["have"] == {"models/m": True, "models/n": False}
+    # The device reports what it has by hash, never by existence.
+    assert doc["numpy"].startswith("1.") and doc["have"] == {"models/m": x_sha, "models/n": None}
     assert doc["cpu_cores"] >= 1 and doc["disk"]["free_bytes"] > 0 and "emulated" in doc["emulation"]
 
 
