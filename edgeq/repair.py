@@ -346,8 +346,10 @@ def _channel_ranges(work: _Work) -> dict[str, tuple[np.ndarray, np.ndarray, bool
     if sorted(details) != sorted(calib.names):
         return {}
     sg = model.main
-    watch = {op.outputs[0]: sg.tensors[op.outputs[0]].name for op in sg.operators
-             if op.outputs and sg.tensors[op.outputs[0]].dtype == "float32"}
+    watch = {t: sg.tensors[t].name for t in sg.inputs if sg.tensors[t].dtype == "float32"}
+    inputs = set(watch)
+    watch.update({op.outputs[0]: sg.tensors[op.outputs[0]].name for op in sg.operators
+                  if op.outputs and sg.tensors[op.outputs[0]].dtype == "float32"})
     lo: dict[int, np.ndarray] = {}
     hi: dict[int, np.ndarray] = {}
     half: dict[int, float] = {}
@@ -368,7 +370,10 @@ def _channel_ranges(work: _Work) -> dict[str, tuple[np.ndarray, np.ndarray, bool
     for t, name in watch.items():
         full = float(hi[t].max() - lo[t].min())
         grew = full > 0 and half.get(t, full) < 0.95 * full
-        layer = conv._layer_of(name, work.loaded.layer_names, work.loaded.model_name) or name.split(";")[0]
+        if t in inputs:
+            layer = "input " + name.split(":")[0].removeprefix("serving_default_")
+        else:
+            layer = conv._layer_of(name, work.loaded.layer_names, work.loaded.model_name) or name.split(";")[0]
         out[name] = (lo[t], hi[t], grew, layer)
     return out
 
@@ -423,12 +428,16 @@ def _diagnose(work: _Work, validation: Any, warns: list[str]) -> tuple[LayerDiag
         if e["ratio"] is not None and e["ratio"] >= OUTLIER_RATIO:
             wide, median = e["span"]
             step = wide / 255
-            findings.append(f"output channel{'s' if len(e['channels']) > 1 else ''} "
+            what = "feature" if name.startswith("input ") else "output channel"
+            findings.append(f"{what}{'s' if len(e['channels']) > 1 else ''} "
                             f"{', '.join(map(str, e['channels'][:4]))} span{'' if len(e['channels']) > 1 else 's'} "
                             f"{wide:.3g} while the median channel spans {median:.3g}: one int8 step of {step:.3g} "
                             f"leaves the median channel {median / step:.2g} levels")
         if e["error"] is not None and e["error"] > BAD_LAYER_STEPS:
             findings.append(f"output error {e['error']:.1f} quantization steps (rounding alone is about 0.3)")
+        if name.startswith("input ") and e["ratio"] is not None and e["ratio"] >= OUTLIER_RATIO:
+            findings.append("the int8 input cannot hold such uneven features: normalise them (--mean/--std, "
+                            "per feature) or scale them in the model's first layer")
         if e["unsettled"]:
             findings.append("its range was still growing in the second half of the calibration samples")
         result.append(LayerDiagnosis(name, tuple(e["ops"]), None if e["error"] is None else round(e["error"], 3),
@@ -442,6 +451,8 @@ def _named_layers(diagnosis: tuple[LayerDiagnosis, ...], layer_names: list[str],
     """The layers to keep in higher precision: outlier layers, the layers they feed, and badly quantized ones."""
     chosen: list[str] = []
     for d in diagnosis:
+        if d.layer.startswith("input "):
+            continue  # the model input stays int8: no layer to keep in higher precision
         if d.outlier_ratio is not None and d.outlier_ratio >= OUTLIER_RATIO:
             chosen.append(d.layer)
             if d.layer in layer_names:  # its consumer reads the same activation
@@ -518,7 +529,8 @@ def _scope_regex(work: _Work, layers: tuple[str, ...]) -> tuple[str, tuple[str, 
         if conv._layer_of(name, work.loaded.layer_names, work.loaded.model_name) in layers:
             names.append(re.escape(name))
             ops.append(op.op)
-    return ("^(?:" + "|".join(names) + ")$" if names else ""), tuple(dict.fromkeys(ops))
+    # litert-quantizer's op scope is its output tensor names, each followed by ";".
+    return ("^(?:" + "|".join(names) + ");?$" if names else ""), tuple(dict.fromkeys(ops))
 
 
 def _litert_quantize(work: _Work, regex: str, mode: str) -> bytes:
