@@ -109,10 +109,11 @@ LogLevel VERBOSE
 @pytest.fixture(scope="module")
 def ssh_server(tmp_path_factory) -> Iterator[Sshd]:
     """A real ``/usr/sbin/sshd -D`` on 127.0.0.1 for one test module (LogLevel DEBUG1: the log shows requests)."""
-    yield from _serve(tmp_path_factory, "LogLevel DEBUG1")
+    yield from serve_sshd(tmp_path_factory, "LogLevel DEBUG1")
 
 
-def _serve(tmp_path_factory, extra_config: str = "") -> Iterator[Sshd]:
+def serve_sshd(tmp_path_factory, extra_config: str = "") -> Iterator[Sshd]:
+    """Run an sshd (``extra_config`` first in its config) for as long as the generator is open."""
     if not SSHD.exists():
         pytest.fail("/usr/sbin/sshd is missing; run `make sysdeps` (scripts/system-deps.sh)")
     d = tmp_path_factory.mktemp("sshd")
