@@ -238,3 +238,117 @@ def quantization_aware_training(
         raise ConversionError(f"the QAT model does not convert to full int8 ({_first_line(exc)})") from exc
     final = losses[-1] if losses and math.isfinite(losses[-1]) else None
     return QatModel(content, options.epochs, int(len(x)), final, rebuilt, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- `edgeq qat`: PTQ and QAT side by side
+
+
+@dataclass(frozen=True)
+class QatResult:
+    """Post-training and quantization-aware int8 on the same evaluation data; ``to_dict()`` is the report."""
+
+    model: str
+    output: str
+    report_path: str
+    metric: str  # "accuracy" | "agreement"
+    float_accuracy: float  # percent
+    ptq_accuracy: float
+    qat_accuracy: float
+    ptq_bytes: int
+    qat_bytes: int
+    training: QatModel
+    full_integer: bool
+    sha256: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        from edgeq import __version__
+
+        return {
+            "edgeq_version": __version__,
+            "model": {"path": self.model},
+            "output": {"path": self.output, "sha256": self.sha256},
+            "scheme": "int8",
+            "qat": {
+                "metric": self.metric,
+                "float": round(self.float_accuracy, 2),
+                "ptq": {"accuracy": round(self.ptq_accuracy, 2), "size_bytes": self.ptq_bytes},
+                "qat": {"accuracy": round(self.qat_accuracy, 2), "size_bytes": self.qat_bytes},
+                "training": self.training.to_dict(),
+                "full_integer": self.full_integer,
+            },
+            "seconds": round(self.seconds, 3),
+        }
+
+    def summary_lines(self) -> list[str]:
+        what = "accuracy" if self.metric == "accuracy" else "top-1 agreement"
+        t = self.training
+        return [
+            f"wrote {self.output}  (QAT int8, {t.epochs} epochs on {t.train_samples} samples"
+            + (", rebuilt in tf_keras" if t.rebuilt else "") + ")",
+            f"report {self.report_path}",
+            "",
+            f"  {what:<16} float {self.float_accuracy:5.1f}%   PTQ int8 {self.ptq_accuracy:5.1f}%   "
+            f"QAT int8 {self.qat_accuracy:5.1f}%",
+            f"  size             PTQ {self.ptq_bytes / 1024:.1f} KB   QAT {self.qat_bytes / 1024:.1f} KB",
+        ]
+
+
+def qat_convert(model: str, train: str, calib: str, eval_data: str, output: str,
+                options: QatOptions = QatOptions(), data: Any = None,
+                progress: Optional[ProgressCallback] = None, report_path: Optional[str] = None) -> QatResult:
+    """Quantize ``model`` both ways: post-training int8 and QAT int8; write the QAT model and a report."""
+    import hashlib
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from edgeq import convert as conv
+    from edgeq.calibration import DataOptions, load_dataset
+    from edgeq.repair import _score
+    from edgeq.safeio import atomic_write
+
+    t0 = time.perf_counter()
+    data = data or DataOptions()
+    out_path = Path(output)
+    rpath = Path(report_path) if report_path else conv.default_report_path(out_path)
+    conv.model_format(model)
+    conv._check_output(out_path, "output")
+    conv._check_output(rpath, "report")
+    with conv.quiet_tensorflow(), tempfile.TemporaryDirectory(prefix="edgeq-qat-") as work:
+        loaded = conv.load_model(model)
+        if loaded.loader == "saved_model":
+            raise QatError(f"{model} is a SavedModel: quantization-aware training needs the Keras model "
+                           "(.keras or .h5) with its layers")
+        eval_opts = DataOptions(samples=None, seed=data.seed, mean=data.mean, std=data.std, scale=data.scale)
+        calib_data = load_dataset(calib, loaded.inputs, data, role="calibration")
+        eval_set = load_dataset(eval_data, loaded.inputs, eval_opts, role="evaluation")
+        train_set = load_dataset(train, loaded.inputs, eval_opts, role="training")
+        float_model = conv.export_float(loaded, work, progress)
+        calibration = conv.calibrate(float_model, calib_data, progress)
+        recipe = conv.ConvertOptions().resolved_recipe()
+        io = conv.IoTypes(options.input_type, options.output_type)
+        ptq = conv.quantize(float_model, calibration, recipe, io, progress)
+        ptq_val = conv.validate(ptq, float_model, eval_set, None, 0, progress)
+        metric, float_acc, ptq_acc = _score(ptq_val.fidelity)
+        trained = quantization_aware_training(loaded.model, train_set, calib_data, options, progress)
+        ref = conv._float_reference(float_model, eval_set, None)
+        got = conv._run_all(trained.content, eval_set, None, "qat")
+        if set(got) != set(ref) and len(got) == len(ref) == 1:
+            got = {next(iter(ref)): next(iter(got.values()))}
+        _, _, qat_acc = _score(conv._fidelity(ref, got, eval_set.labels))
+    from edgeq.tflite_file import parse_tflite
+
+    tfl = parse_tflite(trained.content, str(out_path))
+    allowed = set(tfl.main.inputs) | set(tfl.main.outputs) if "float32" in (options.input_type,
+                                                                           options.output_type) else set()
+    floats = [t for t in tfl.main.tensors if t.dtype in ("float32", "float16") and t.index not in allowed]
+    if floats:
+        raise ConversionError(f"the QAT model still has {len(floats)} float tensors (e.g. {floats[0].name})",
+                              "replace the layers TFLite cannot quantize")
+    result = QatResult(str(model), str(out_path), str(rpath), metric, float_acc, ptq_acc, qat_acc, ptq.size_bytes,
+                       len(trained.content), trained, True, hashlib.sha256(trained.content).hexdigest(),
+                       time.perf_counter() - t0)
+    atomic_write(out_path, trained.content)
+    atomic_write(rpath, (json.dumps(result.to_dict(), indent=2) + "\n").encode())
+    return result

@@ -431,8 +431,8 @@ def _diagnose(work: _Work, validation: Any, warns: list[str]) -> tuple[LayerDiag
             what = "feature" if name.startswith("input ") else "output channel"
             findings.append(f"{what}{'s' if len(e['channels']) > 1 else ''} "
                             f"{', '.join(map(str, e['channels'][:4]))} span{'' if len(e['channels']) > 1 else 's'} "
-                            f"{wide:.3g} while the median channel spans {median:.3g}: one int8 step of {step:.3g} "
-                            f"leaves the median channel {median / step:.2g} levels")
+                            f"{wide:.3g} while the median {what.split()[-1]} spans {median:.3g}: one int8 step of "
+                            f"{step:.3g} leaves the median {what.split()[-1]} {median / step:.2g} levels")
         if e["error"] is not None and e["error"] > BAD_LAYER_STEPS:
             findings.append(f"output error {e['error']:.1f} quantization steps (rounding alone is about 0.3)")
         if name.startswith("input ") and e["ratio"] is not None and e["ratio"] >= OUTLIER_RATIO:
@@ -443,7 +443,10 @@ def _diagnose(work: _Work, validation: Any, warns: list[str]) -> tuple[LayerDiag
         result.append(LayerDiagnosis(name, tuple(e["ops"]), None if e["error"] is None else round(e["error"], 3),
                                      None if e["ratio"] is None else round(e["ratio"], 1), tuple(e["channels"]),
                                      bool(e["unsettled"]), tuple(findings)))
-    result.sort(key=lambda d: (not d.findings, -(d.error_steps or 0.0)))
+    known = set(work.loaded.layer_names)
+    result = [d for d in result if d.findings or d.layer in known]
+    # Root causes (outlier channels) first, then the layers whose output error they cause.
+    result.sort(key=lambda d: (not d.findings, not (d.outlier_ratio or 0) >= OUTLIER_RATIO, -(d.error_steps or 0.0)))
     return tuple(result)
 
 
@@ -753,7 +756,7 @@ def convert_with_budget(
         if chosen is None:
             diagnosis = _diagnose(work, validation, warns)
             layers = _named_layers(diagnosis, list(loaded.layer_names), repair.max_layers)
-            for fix in repair.fixes:
+            for fix in [f for f in FIXES if f in repair.fixes]:  # cheapest first, whatever order was given
                 if fix == "calibration":
                     a = _fix_calibration(work, diagnosis, repair.max_drop)
                 elif fix == "equalize":
