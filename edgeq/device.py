@@ -448,9 +448,6 @@ class DeviceClient:
             _LIVE_TOKENS.add(token)
         base = ["--dir", remote_dir, "--token", token, "--owner", json.dumps(owner),
                 "--stale-after", repr(float(stale_after)), "--ttl", repr(float(ttl))]
-        hook = os.environ.get("EDGEQ_TEST_LOCK_RACE_HOOK")  # tests only: see tests/deploy/test_device_lock.py
-        if hook:
-            base += ["--race-hook", hook]
 
         try:
             doc = self.call("lock", base, timeout, "taking the device lock", LOCK)

@@ -110,6 +110,9 @@ def _inventory_hosts(inventory: Path, limit: Optional[str]):
 @click.option("--no-xnnpack", is_flag=True, help="Disable the XNNPACK delegate (reference kernels).")
 @click.option("--no-activate", is_flag=True,
               help="Measure only: leave REMOTE_DIR/current pointing at the model that was active.")
+@click.option("--keep", type=int, metavar="N",
+              help="After activating, delete all but the N newest models on the device (the active and the "
+                   "previous model are always kept).")
 @click.option("--connect-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds for each of connect, SSH banner and authentication.")
 @click.option("--host-timeout", type=click.FloatRange(1.0),
@@ -122,14 +125,14 @@ def _inventory_hosts(inventory: Path, limit: Optional[str]):
 def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Optional[Path], limit: Optional[str],
            forks: int, identity: Optional[str], known_hosts: Optional[str], accept_new_host_key: bool,
            python: Optional[str], remote_dir: str, eval_data: Optional[str], runs: int, warmup: int,
-           threads: Optional[int], no_xnnpack: bool, no_activate: bool, connect_timeout: float,
+           threads: Optional[int], no_xnnpack: bool, no_activate: bool, keep: Optional[int], connect_timeout: float,
            host_timeout: Optional[float], report_dir: Optional[Path], as_json: bool) -> None:
     """Push MODEL.tflite to a device (or a fleet), measure latency and accuracy there, and write a report.
 
     The model becomes the device's active one (REMOTE_DIR/current) only after it
     was verified and ran there; `edgeq rollback` switches back.
     """
-    from edgeq.deploy import DeployOptions, deploy as run_deploy
+    from edgeq.deploy import DeployOptions, check_options, deploy as run_deploy
     from edgeq.errors import ExitCode, UsageError
     from edgeq.report import summary_lines, write_report
 
@@ -139,9 +142,12 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
         raise UsageError("--limit, --forks and --host-timeout need --inventory")
     options = DeployOptions(
         host=host, python=python, remote_dir=remote_dir, eval_data=eval_data, runs=runs, warmup=warmup,
-        threads=threads, xnnpack=not no_xnnpack, activate=not no_activate,
+        threads=threads, xnnpack=not no_xnnpack, activate=not no_activate, keep=keep,
         ssh=_ssh_options(identity, known_hosts, accept_new_host_key, connect_timeout),
     )
+    if keep is not None and no_activate:
+        raise UsageError("--keep prunes after an activation; it does nothing with --no-activate")
+    check_options(options)
     show = not as_json
     if inventory:
         import time
@@ -177,6 +183,8 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
     if act.get("activated"):
         click.echo(f"active model: {act['active'][:12]} ({'switched' if act.get('switched') else 'already active'}; "
                    f"previous {str(act.get('previous') or '-')[:12]})")
+        if act.get("pruned"):
+            click.echo(f"pruned {len(act['pruned'])} old model(s) from the device (--keep {keep})")
     click.echo(f"report: {paths.html} (also report.json, report.md in {paths.directory})")
 
 
@@ -198,13 +206,14 @@ def rollback(ctx: click.Context, host: Optional[str], inventory: Optional[Path],
              identity: Optional[str], known_hosts: Optional[str], python: Optional[str], remote_dir: str,
              connect_timeout: float, as_json: bool) -> None:
     """Make the previously active model (REMOTE_DIR/previous) the active one again."""
-    from edgeq.deploy import DeployOptions, rollback as run_rollback
+    from edgeq.deploy import DeployOptions, check_options, rollback as run_rollback
     from edgeq.errors import ExitCode, UsageError
 
     if inventory and host:
         raise UsageError("--host and --inventory do not go together")
     options = DeployOptions(host=host, python=python, remote_dir=remote_dir,
                             ssh=_ssh_options(identity, known_hosts, False, connect_timeout))
+    check_options(options)
     if inventory:
         from edgeq.fleet_deploy import FleetOptions, rollback_fleet
 
