@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +333,34 @@ def test_model_code_is_refused_without_unsafe_load(tmp_path, vector_calib, calib
                      ConvertOptions(load=LoadOptions(unsafe_load=True), data=DataOptions(samples=10)))
     assert marker.exists() and result.outputs[0].shape == (1, 3)
     ledger("bad_input", f"{kind} with code")
+
+
+def test_fifo_named_like_a_model_is_refused_without_blocking(tmp_path, ledger):
+    fifo = tmp_path / "model.h5"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelError, match="is not a regular file"):
+        convert(fifo, tmp_path / "c.npy", tmp_path / "o.tflite")
+    ledger("bad_input", "fifo as model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, message", [
+    (None, "has no model_config: it holds weights only"),
+    ("[" * 200_000 + "]" * 200_000, "model_config is not valid JSON"),
+    ("{not json", "model_config is not valid JSON"),
+], ids=["weights-only", "deep-nesting", "garbage"])
+def test_hostile_h5_configs_are_one_line_errors(tmp_path, vector_calib, config, message, ledger):
+    import h5py
+
+    path = tmp_path / "hostile.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("w", data=np.zeros(3, np.float32))
+        if config is not None:
+            f.attrs["model_config"] = config
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(ModelError, match=message) as err:
+        convert(path, vector_calib, out_dir / "o.tflite")
+    assert "\n" not in str(err.value)
+    _nothing_written(out_dir)
+    ledger("bad_input", f"h5 {message.split(':')[0]}")
