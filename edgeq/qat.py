@@ -324,6 +324,9 @@ def qat_convert(model: str, train: str, calib: str, eval_data: str, output: str,
         calib_data = load_dataset(calib, loaded.inputs, data, role="calibration")
         eval_set = load_dataset(eval_data, loaded.inputs, eval_opts, role="evaluation")
         train_set = load_dataset(train, loaded.inputs, eval_opts, role="training")
+        if train_set.labels is None:  # before the minutes of work below
+            raise DataError(f"training data {train} has no labels",
+                            "give an .npz with the inputs and 'y' (the labels) for --train")
         float_model = conv.export_float(loaded, work, progress)
         calibration = conv.calibrate(float_model, calib_data, progress)
         recipe = conv.ConvertOptions().resolved_recipe()
