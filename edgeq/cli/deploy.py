@@ -118,6 +118,19 @@ def _inventory_hosts(inventory: Path, limit: Optional[str]):
 @click.option("--host-timeout", type=click.FloatRange(1.0),
               help="With --inventory: seconds after which a host that has not finished is abandoned "
                    "(default: the sum of the phase deadlines).")
+@click.option("--canary", default=0, show_default=True, type=click.IntRange(0), metavar="N",
+              help="With --inventory: deploy to the first N hosts first, as their own batch (a staged rollout).")
+@click.option("--batch", metavar="N|PCT%",
+              help="With --inventory: hosts per batch after the canaries (a count, or a percentage of all hosts "
+                   "like Ansible's serial). Default: all the rest at once.")
+@click.option("--max-fail", "max_fail", default=0.0, show_default=True, type=click.FloatRange(0, 100),
+              metavar="PCT", help="With --inventory: stop before the next batch when more than PCT% of the hosts "
+                                  "started so far failed (failed, unreachable, or failed their gate).")
+@click.option("--gate-accuracy", type=click.FloatRange(0, 1), metavar="MIN",
+              help="Health gate: minimum on-device accuracy on --eval (a fraction, as in report.json), measured "
+                   "from REMOTE_DIR/current after activation. A host below it reverts to its previous model.")
+@click.option("--gate-p99-ms", type=click.FloatRange(0, min_open=True), metavar="MAX",
+              help="Health gate: maximum p99 latency in ms of a run from REMOTE_DIR/current after activation.")
 @click.option("-o", "--output", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Report directory (default reports/<time>-<host>-<model>/, or reports/<time>-fleet-<model>/).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json (summary.json with --inventory) on stdout.")
@@ -126,11 +139,19 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
            forks: int, identity: Optional[str], known_hosts: Optional[str], accept_new_host_key: bool,
            python: Optional[str], remote_dir: str, eval_data: Optional[str], runs: int, warmup: int,
            threads: Optional[int], no_xnnpack: bool, no_activate: bool, keep: Optional[int], connect_timeout: float,
-           host_timeout: Optional[float], report_dir: Optional[Path], as_json: bool) -> None:
+           host_timeout: Optional[float], canary: int, batch: Optional[str], max_fail: float,
+           gate_accuracy: Optional[float], gate_p99_ms: Optional[float], report_dir: Optional[Path],
+           as_json: bool) -> None:
     """Push MODEL.tflite to a device (or a fleet), measure latency and accuracy there, and write a report.
 
     The model becomes the device's active one (REMOTE_DIR/current) only after it
     was verified and ran there; `edgeq rollback` switches back.
+
+    With --canary, --batch, --max-fail or a --gate-* option the fleet deploy is a
+    staged rollout: batch by batch, each host checked from REMOTE_DIR/current
+    after activation and reverted by itself if it fails its gate. Exit codes:
+    0 all hosts ok, 4 a host failed or was unreachable, 7 a host failed its gate
+    (reverted), 8 a host failed its gate and could NOT be reverted.
     """
     from edgeq.deploy import DeployOptions, check_options, deploy as run_deploy
     from edgeq.errors import ExitCode, UsageError
@@ -138,8 +159,10 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
 
     if inventory and host:
         raise UsageError("--host and --inventory do not go together", hint="put the host in the inventory")
-    if not inventory and (limit or forks != 5 or host_timeout):
-        raise UsageError("--limit, --forks and --host-timeout need --inventory")
+    staged = bool(canary or batch or max_fail or gate_accuracy is not None or gate_p99_ms is not None)
+    if not inventory and (limit or forks != 5 or host_timeout or staged):
+        raise UsageError("--limit, --forks, --host-timeout, --canary, --batch, --max-fail and --gate-* need "
+                         "--inventory", hint="put the host in an inventory of one")
     options = DeployOptions(
         host=host, python=python, remote_dir=remote_dir, eval_data=eval_data, runs=runs, warmup=warmup,
         threads=threads, xnnpack=not no_xnnpack, activate=not no_activate, keep=keep,
@@ -157,6 +180,32 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
 
         hosts = _inventory_hosts(inventory, limit)
         view = FleetView([h.name for h in hosts], show)
+        if staged:
+            from edgeq.rollout import RolloutOptions, exit_status, rollout
+
+            staged_result = rollout(model, hosts, RolloutOptions(FleetOptions(options, forks, host_timeout), canary,
+                                                                 batch, max_fail, gate_accuracy, gate_p99_ms), view)
+            out = report_dir or Path("reports") / f"{time.strftime('%Y%m%d-%H%M%S')}-rollout-{model.stem[:40]}"
+            paths = write_fleet_report(staged_result, out)
+            summary = staged_result.to_dict()
+            if as_json:
+                echo_json(summary)
+            else:
+                click.echo(_fleet_table(summary))
+                c = summary["counts"]
+                click.echo(f"{c['ok']} of {c['hosts']} hosts ok in {len(summary['rollout']['batches'])} batches "
+                           f"({c['failed']} failed, {c['timeout']} timed out, {c['reverted']} reverted, "
+                           f"{c['gate_failed']} failed their gate, {c['not_started']} not started) "
+                           f"in {staged_result.seconds:.1f} s; summary: {paths.summary_html}")
+                if staged_result.stop_reason:
+                    click.echo(staged_result.stop_reason)
+                for h in staged_result.hosts:
+                    if h.status == "revert_failed":
+                        click.echo(f"error: {h.name}: {h.error}", err=True)
+            code = exit_status(staged_result)
+            if code:
+                ctx.exit(code)
+            return
         result = deploy_fleet(model, hosts, FleetOptions(options, forks, host_timeout), view)
         out = report_dir or Path("reports") / f"{time.strftime('%Y%m%d-%H%M%S')}-fleet-{model.stem[:40]}"
         paths = write_fleet_report(result, out)
