@@ -102,6 +102,7 @@ class RecipeOutcome:
     error: Optional[str] = None  # the recipe could not be made (quantize/validate failed)
     file: Optional[str] = None  # DIR/<name>.tflite (executable recipes only)
     drop_points: Optional[float] = None  # accuracy (or agreement) points lost against float
+    device_drop_points: Optional[float] = None  # the same, from the device's own run
     verdict: str = ""  # "recommended" or why it lost
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -153,6 +154,7 @@ class RecipeOutcome:
             "error": self.error,
             "file": self.file,
             "drop_points": self.drop_points,
+            "device_drop_points": self.device_drop_points,
             "verdict": self.verdict,
             "timings_s": dict(self.timings_s),
         }
@@ -271,6 +273,9 @@ def choose(outcomes: Sequence[RecipeOutcome], objective: str, max_drop: float,
             return f"over budget: loses {r.drop_points:.2f} points (max {max_drop:g})"
         if measured_on_device and r.device is None:
             return f"failed on the device: {r.device_error or 'not measured'}"
+        if r.device_drop_points is not None and r.device_drop_points > max_drop + 1e-9:
+            return (f"over budget on the device: loses {r.device_drop_points:.2f} points there "
+                    f"({r.drop_points:.2f} on the host): the device's runtime computes this recipe differently")
         if _objective_value(r, objective) is None:
             return f"no {objective} figure"
         return None
@@ -479,7 +484,7 @@ def sweep(model: str | Path, calib: str | Path, eval: str | Path, target: str | 
             runnable = [o for o in outcomes if o.name in files and o.fits]
             measured, device_info, dev_warnings = _measure(runnable, files, device_opts, progress)
             warnings.extend(dev_warnings)
-            outcomes = [measured.get(o.name, o) for o in outcomes]
+            outcomes = [_with_device_drop(measured.get(o.name, o), float_ref, budget_metric) for o in outcomes]
             timings["device_s"] = time.perf_counter() - t
 
         # Energy: from the device's latency when there was one, else the profile's estimate.
@@ -589,6 +594,18 @@ def _with_drop(o: RecipeOutcome, float_ref: dict[str, Any], metric: str) -> Reci
     if ref is None or got is None:
         return o
     return replace(o, drop_points=round(100.0 * (ref - got), 4))
+
+
+def _with_device_drop(o: RecipeOutcome, float_ref: dict[str, Any], metric: str) -> RecipeOutcome:
+    """Points lost in the device's own run: its accuracy against float, or its top-1 agreement with the host."""
+    if not o.device:
+        return o
+    if metric == "accuracy" and float_ref.get("accuracy") is not None and o.device.get("accuracy") is not None:
+        return replace(o, device_drop_points=round(100.0 * (float_ref["accuracy"] - o.device["accuracy"]), 4))
+    agree = o.device.get("agreement_with_host")
+    if agree is not None and o.drop_points is not None:
+        return replace(o, device_drop_points=round(o.drop_points + 100.0 * (1.0 - agree), 4))
+    return o
 
 
 def _with_energy(o: RecipeOutcome, profile: TargetProfile) -> RecipeOutcome:
