@@ -284,9 +284,10 @@ def check_gate(tr: Transport, python: str, remote_dir: str, expected: str, eval_
                options: RolloutOptions, timeout: float) -> GateResult:
     """Run the model from ``REMOTE_DIR/current`` and judge it against the gate (caller holds the lock)."""
     path = f"{remote_dir}/current/model.tflite"
-    probe = _runner_doc(tr, [python, "-", "probe", "--dir", remote_dir], timeout, "reading the active model")
-    act = probe.get("activation") if isinstance(probe.get("activation"), dict) else {}
-    active = _sha_or_none(act.get("current"))
+    # A plain readlink, not the probe: the probe imports the runtime, which takes seconds on a small board.
+    link = tr.run(["readlink", f"{remote_dir}/current"], timeout, check=False)
+    target = link.stdout.strip().rstrip("/").split("/") if link.ok else []
+    active = _sha_or_none(target[-1]) if len(target) == 2 and target[0] == "models" else None
     if active != expected:
         return GateResult(False, (f"current is {str(active)[:12]}, not the deployed {expected[:12]} "
                                   "(another deploy switched it)",), active, None, None, 0, path)

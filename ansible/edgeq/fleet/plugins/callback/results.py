@@ -68,8 +68,8 @@ class CallbackModule(CallbackBase):
             # Every host the play selects (after --limit, before the batch restriction), so hosts never
             # reached can be reported as not started.
             inventory = play._variable_manager._inventory  # pylint: disable=protected-access
-            hosts = [h.get_name() for h in inventory.get_hosts(play.hosts, ignore_restrictions=True,
-                                                                order=play.order)]
+            selected = inventory.get_hosts(play.hosts, ignore_restrictions=True, order=play.order)
+            hosts = [h.get_name() for h in selected]
         except Exception:  # best effort: without it, edgeq report takes the hosts from --inventory
             hosts = []
         serial = play.serial if isinstance(play.serial, list) else [play.serial] if play.serial else []

@@ -17,7 +17,7 @@ description:
     importable, CPU, memory, governor, temperature, throttling, emulation, free disk, and which model is active.
   - The facts are returned under C(ansible_facts.edgeq).
 author:
-  - edgeq contributors
+  - edgeq contributors (@edgeq)
 options:
   remote_dir:
     description: Directory on the device (C(edgeq deploy --remote-dir)) whose active model to report.
@@ -29,8 +29,10 @@ attributes:
     description: Only reads.
   diff_mode:
     support: none
+    description: No diff; the result names the active and previous model.
   facts:
     support: full
+    description: Returns C(ansible_facts.edgeq).
   platform:
     platforms: posix
     support: full

@@ -26,7 +26,7 @@ description:
   - Models are programs, every inference runs in a child interpreter that receives the runner on stdin, so a model
     that crashes the runtime fails the task instead of the module.
 author:
-  - edgeq contributors
+  - edgeq contributors (@edgeq)
 options:
   src:
     description:
@@ -111,6 +111,7 @@ attributes:
     description: Reports whether the model would be sent, installed or switched, and changes nothing.
   diff_mode:
     support: none
+    description: No diff; the result names the active and previous model.
   platform:
     platforms: posix
     support: full

@@ -16,7 +16,7 @@ description:
   - Swaps C(REMOTE_DIR/current) and C(REMOTE_DIR/previous) atomically under the device lock, with edgeq's own runner,
     exactly as C(edgeq rollback) does.
 author:
-  - edgeq contributors
+  - edgeq contributors (@edgeq)
 options:
   remote_dir:
     description: Directory on the device (C(edgeq deploy --remote-dir)).
@@ -32,6 +32,7 @@ attributes:
     description: Reports which model would become active and changes nothing.
   diff_mode:
     support: none
+    description: No diff; the result names the active and previous model.
   platform:
     platforms: posix
     support: full
