@@ -174,7 +174,11 @@ class RepairResult:
         """A few lines for the terminal."""
         what = "accuracy" if self.metric == "accuracy" else "top-1 agreement"
         b = self.baseline
-        lines = [f"repair: float {what} {self.float_accuracy:.1f}%, int8 {b.accuracy:.1f}% "
+        lines = []
+        if self.output:
+            lines += [f"wrote {self.output}  ({self.best.fix if self.met else 'best, over budget'})",
+                      f"report {self.report_path}"]
+        lines += [f"repair: float {what} {self.float_accuracy:.1f}%, int8 {b.accuracy:.1f}% "
                  f"(drop {b.drop:.1f} points, budget {self.max_drop:g})"
                  + (f", target {self.target}" if self.target else "")]
         bad = [d for d in self.diagnosis if d.findings]
@@ -186,7 +190,7 @@ class RepairResult:
                 if a.fast_kernels is not None:
                     kern = ", fast kernels" if a.fast_kernels else ", NOT on fast kernels"
                 lines.append(f"  {a.fix:<15} {a.accuracy:5.1f}%  drop {a.drop:5.1f}  {_kb(a.size_bytes)}{kern}"
-                             f"  {a.status}")
+                             f"  {a.seconds:.1f} s  {a.status}")
             else:
                 lines.append(f"  {a.fix:<15} {a.status}: {a.detail}")
         if self.chosen == "baseline":
