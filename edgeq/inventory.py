@@ -25,6 +25,15 @@ from typing import Any, Mapping
 
 from edgeq.errors import InputError
 
+# An inventory is untrusted input: its size in hosts, groups and nesting is bounded,
+# so a host range like pi[1:100000000] or YAML aliases reused many times are a
+# one-line error instead of hours of work or all the memory.
+MAX_HOSTS = 100_000
+MAX_GROUPS = 10_000
+MAX_DEPTH = 64  # nesting of groups (children of children ...)
+MAX_INVENTORY_BYTES = 16 * 1024 * 1024
+MAX_WORK = 2_000_000  # group bodies walked + host entries added (YAML aliases can repeat a subtree)
+
 # Variables edgeq reads from an inventory host (anything else is kept but unused).
 KNOWN_VARS = (
     "ansible_host",
@@ -95,14 +104,28 @@ class _Builder:
         self.groups: dict[str, _Group] = {"all": _Group("all"), "ungrouped": _Group("ungrouped")}
         self.host_order: list[str] = []
         self.host_vars: dict[str, dict[str, Any]] = {}
+        self.work = 0
+
+    def spend(self, units: int = 1) -> None:
+        self.work += units
+        if self.work > MAX_WORK:
+            raise InputError(f"{self.source}: the inventory expands to more than {MAX_WORK} group and host "
+                             f"entries (YAML aliases reused many times?)",
+                             "write the groups out, or split the inventory")
 
     def group(self, name: str) -> _Group:
         if name not in self.groups:
+            if len(self.groups) >= MAX_GROUPS:
+                raise InputError(f"{self.source}: more than {MAX_GROUPS} groups", "split the inventory")
             self.groups[name] = _Group(name)
         return self.groups[name]
 
     def add_host(self, group: str, name: str, hvars: Mapping[str, Any]) -> None:
+        self.spend()
         if name not in self.host_vars:
+            if len(self.host_order) >= MAX_HOSTS:
+                raise InputError(f"{self.source}: more than {MAX_HOSTS} hosts", "split the inventory, or use --limit "
+                                 "on a smaller one")
             self.host_order.append(name)
             self.host_vars[name] = {}
         self.host_vars[name].update(hvars)
@@ -112,20 +135,28 @@ class _Builder:
 
     def build(self) -> Inventory:
         all_group = self.groups["all"]
-        for name, g in self.groups.items():
-            if name != "all" and not self._has_parent(name) and name not in all_group.children:
+        has_parent = {c for g in self.groups.values() for c in g.children}
+        for name in self.groups:
+            if name != "all" and name not in has_parent and name not in all_group.children:
                 all_group.children.append(name)
         # Hosts named in no group but `all`/`ungrouped` go to ungrouped, like Ansible.
         members = self._members()
+        named = set().union(*(m for g, m in members.items() if g not in ("all", "ungrouped")))
+        ungrouped = self.groups["ungrouped"]
+        already = set(ungrouped.hosts)
         for h in self.host_order:
-            in_named = any(h in members[g] for g in self.groups if g not in ("all", "ungrouped"))
-            if not in_named and h not in self.groups["ungrouped"].hosts:
-                self.groups["ungrouped"].hosts.append(h)
+            if h not in named and h not in already:
+                ungrouped.hosts.append(h)
+                already.add(h)
         members = self._members()
         depth = self._depths()
         hosts = []
+        groups_of: dict[str, list[str]] = {h: [] for h in self.host_order}
+        for g in self.groups:
+            for h in members[g]:
+                groups_of[h].append(g)
         for h in self.host_order:
-            mine = [g for g in self.groups if h in members[g]]
+            mine = groups_of[h]
             merged: dict[str, Any] = {}
             for g in sorted(mine, key=lambda g: (depth.get(g, 0), g)):
                 merged.update(self.groups[g].vars)
@@ -143,25 +174,28 @@ class _Builder:
             groups=MappingProxyType({g: tuple(sorted(m)) for g, m in members.items()}),
         )
 
-    def _has_parent(self, name: str) -> bool:
-        return any(name in g.children for g in self.groups.values())
-
     def _members(self) -> dict[str, set[str]]:
-        out: dict[str, set[str]] = {}
+        memo: dict[str, frozenset[str]] = {}  # each group once: shared children cost nothing extra
 
-        def collect(name: str, seen: tuple[str, ...]) -> set[str]:
+        def collect(name: str, seen: tuple[str, ...]) -> frozenset[str]:
             if name in seen:
                 raise InputError(
                     f"{self.source}: group {name!r} is its own child ({' -> '.join(seen + (name,))})"
                 )
+            if name in memo:
+                return memo[name]
+            if len(seen) >= MAX_DEPTH:
+                raise InputError(f"{self.source}: groups nested more than {MAX_DEPTH} levels deep "
+                                 f"({' -> '.join(seen[:3])} -> ...)", "flatten the group hierarchy")
             g = self.groups[name]
             found = set(g.hosts)
             for c in g.children:
                 found |= collect(c, seen + (name,))
-            return found
+            self.spend(len(found) + 1)  # memberships are bounded too (many groups holding many hosts)
+            memo[name] = frozenset(found)
+            return memo[name]
 
-        for name in self.groups:
-            out[name] = collect(name, ())
+        out = {name: set(collect(name, ())) for name in self.groups}
         out["all"] = set(self.host_order)
         return out
 
@@ -183,6 +217,8 @@ def load_inventory(path: str | Path) -> Inventory:
     """Read an Ansible inventory file (INI, or YAML by extension or content)."""
     p = Path(path)
     try:
+        if p.stat().st_size > MAX_INVENTORY_BYTES:
+            raise InputError(f"{p}: larger than {MAX_INVENTORY_BYTES // (1024 * 1024)} MiB; not an inventory edgeq reads")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{p}: no such inventory file") from None
@@ -213,21 +249,55 @@ def _parse_kv(tokens: list[str], where: str) -> dict[str, Any]:
 _RANGE = re.compile(r"^(.*?)\[([^:\]]+):([^:\]]+)(?::(\d+))?\](.*)$")
 
 
-def expand_host_range(pattern: str) -> list[str]:
-    """Expand Ansible host ranges: ``pi[01:03]`` -> pi01, pi02, pi03; ``[a:c]`` too."""
+def _range_items(pattern: str) -> tuple[str, range, int, bool, str] | None:
     m = _RANGE.match(pattern)
     if not m:
-        return [pattern]
+        return None
     head, start, end, step, tail = m.groups()
     stride = int(step or 1)
+    if stride < 1:
+        raise InputError(f"bad host range {pattern!r}: the step must be at least 1", "use [01:10] or [01:10:2]")
     if start.isdigit() and end.isdigit():
+        if len(start) > 9 or len(end) > 9:
+            raise InputError(f"bad host range {pattern!r}: numbers of at most 9 digits", "use [01:10]")
         width = len(start) if start.startswith("0") else 0
-        items = [str(i).zfill(width) for i in range(int(start), int(end) + 1, stride)]
-    elif len(start) == 1 and len(end) == 1 and start in string.ascii_letters and end in string.ascii_letters:
-        items = [chr(c) for c in range(ord(start), ord(end) + 1, stride)]
-    else:
-        raise InputError(f"bad host range {pattern!r}", "use [01:10] or [a:f]")
-    return [name for item in items for name in expand_host_range(head + item + tail)]
+        return head, range(int(start), int(end) + 1, stride), width, False, tail
+    if len(start) == 1 and len(end) == 1 and start in string.ascii_letters and end in string.ascii_letters:
+        return head, range(ord(start), ord(end) + 1, stride), 0, True, tail
+    raise InputError(f"bad host range {pattern!r}", "use [01:10] or [a:f]")
+
+
+def host_range_size(pattern: str) -> int:
+    """How many names ``pattern`` expands to, without expanding it."""
+    total = 1
+    rest = pattern
+    while (parts := _range_items(rest)) is not None:
+        head, items, _, _, tail = parts
+        if not items:
+            raise InputError(f"bad host range {pattern!r}: the start is after the end", "use [01:10], not [10:01]")
+        total *= len(items)
+        if total > MAX_HOSTS:
+            return total
+        rest = head + tail
+    return total
+
+
+def expand_host_range(pattern: str) -> list[str]:
+    """Expand Ansible host ranges: ``pi[01:03]`` -> pi01, pi02, pi03; ``[a:c]`` too (at most MAX_HOSTS names)."""
+    n = host_range_size(pattern)
+    if n > MAX_HOSTS:
+        raise InputError(f"host range {pattern!r} expands to more than {MAX_HOSTS} hosts",
+                         "use a smaller range; edgeq deploys to at most 100000 hosts from one inventory")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
+    parts = _range_items(pattern)
+    if parts is None:
+        return [pattern]
+    head, items, width, letters, tail = parts
+    names = [chr(i) if letters else str(i).zfill(width) for i in items]
+    return [name for item in names for name in _expand(head + item + tail)]
 
 
 def _split_host_port(token: str) -> tuple[str, int | None]:
@@ -265,7 +335,11 @@ def _parse_ini(text: str, source: str) -> Inventory:
             continue
         if kind == "hosts":
             hvars = _parse_kv(tokens[1:], where)
-            for name in expand_host_range(tokens[0]):
+            try:
+                names = expand_host_range(tokens[0])
+            except InputError as exc:
+                raise InputError(f"{where}: {exc.message}", exc.hint) from None
+            for name in names:
                 host, port = _split_host_port(name)
                 if port is not None:
                     hvars = {**hvars, "ansible_port": hvars.get("ansible_port", port)}
@@ -290,36 +364,63 @@ def _parse_yaml(text: str, source: str) -> Inventory:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InputError(f"{source}: not valid YAML ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{source}: YAML nested too deeply", "an inventory is a few levels of groups") from None
     if not isinstance(doc, dict):
         raise InputError(f"{source}: a YAML inventory is a mapping of groups (e.g. `all:`)")
     b = _Builder(source)
 
-    def walk(name: str, body: Any, path: str) -> None:
+    def mapping(value: Any, where: str, example: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise InputError(f"{source}:{where}: must be a mapping, not a {_yaml_kind(value)}",
+                             f"write it as {example}")
+        return value
+
+    def walk(name: str, body: Any, path: str, stack: tuple[int, ...]) -> None:
+        b.spend()
         g = b.group(name)
         if body is None:
             return
         if not isinstance(body, dict):
             raise InputError(f"{source}:{path}: a group is a mapping with hosts, children or vars")
+        if id(body) in stack:
+            raise InputError(f"{source}:{path}: the group contains itself (a recursive YAML alias)",
+                             "replace the alias with the group's name under children")
+        if len(stack) >= MAX_DEPTH:
+            raise InputError(f"{source}:{path}: groups nested more than {MAX_DEPTH} levels deep",
+                             "flatten the group hierarchy")
         for key in body:
             if key not in ("hosts", "children", "vars"):
                 raise InputError(f"{source}:{path}.{key}: unknown key", "a group has hosts, children and vars")
-        gvars = body.get("vars") or {}
-        if not isinstance(gvars, dict):
-            raise InputError(f"{source}:{path}.vars: must be a mapping")
-        g.vars.update(gvars)
-        for hpattern, hvars in (body.get("hosts") or {}).items():
+        gvars = mapping(body.get("vars"), f"{path}.vars", "`vars: {ansible_user: pi}`")
+        g.vars.update({str(k): v for k, v in gvars.items()})
+        hosts = mapping(body.get("hosts"), f"{path}.hosts", "`hosts: {pi1: {}, pi2: {}}` (names as keys)")
+        for hpattern, hvars in hosts.items():
             if hvars is not None and not isinstance(hvars, dict):
                 raise InputError(f"{source}:{path}.hosts.{hpattern}: host variables must be a mapping")
-            for hname in expand_host_range(str(hpattern)):
-                b.add_host(name, hname, hvars or {})
-        for child, cbody in (body.get("children") or {}).items():
+            try:
+                names = expand_host_range(str(hpattern))
+            except InputError as exc:
+                raise InputError(f"{source}:{path}.hosts: {exc.message}", exc.hint) from None
+            for hname in names:
+                b.add_host(name, hname, {str(k): v for k, v in (hvars or {}).items()})
+        children = mapping(body.get("children"), f"{path}.children", "`children: {pis: {hosts: ...}}`")
+        for child, cbody in children.items():
+            child = str(child)
             if child not in g.children:
                 g.children.append(child)
-            walk(child, cbody, f"{path}.children.{child}")
+            walk(child, cbody, f"{path}.children.{child}", stack + (id(body),))
 
     for top, body in doc.items():
-        walk(str(top), body, str(top))
+        walk(str(top), body, str(top), ())
     return b.build()
+
+
+def _yaml_kind(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value),
+                                                                                             type(value).__name__)
 
 
 def _select(inv: Inventory, pattern: str) -> set[str]:
@@ -345,7 +446,11 @@ def _match(inv: Inventory, term: str) -> set[str]:
     if term in inv.groups:
         return set(inv.groups[term])
     if term.startswith("~"):
-        rx = re.compile(term[1:])
+        try:
+            rx = re.compile(term[1:])
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise InputError(f"--limit {term!r}: not a valid regular expression ({exc})",
+                             "after ~ comes a Python regular expression, e.g. --limit '~^pi0[1-4]$'") from None
         names = {h.name for h in inv.hosts if rx.search(h.name)}
         return names | {h for g, hs in inv.groups.items() if rx.search(g) for h in hs}
     names = {h.name for h in inv.hosts if fnmatch.fnmatchcase(h.name, term)}
