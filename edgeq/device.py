@@ -365,7 +365,7 @@ class DeviceClient:
                     if doc.get("kind") == "unsafe" else None)
             raise DeviceError(f"the probe on {self.host} failed: {doc['error']}", hint=hint, host=self.host)
         if not doc.get("remote_dir"):
-            raise DeviceProtocolError(f"the probe on {self.host} did not resolve the remote directory",
+            raise DeviceProtocolError(f"the probe on {self.host} did not resolve the remote directory (remote_dir)",
                                       host=self.host)
         if doc.get("numpy") is None or doc.get("runtime") is None:
             py = doc.get("python", "?")
