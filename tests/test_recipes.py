@@ -381,3 +381,62 @@ def test_xnnpack_claims(measured, recipe):
     claimed = "xnnpack" in SHIPPED.get(recipe).accelerated_on
     got = _xnnpack_takes_compute(measured["litert"][recipe])
     assert claimed == got, f"{recipe}: table says XNNPACK accelerates it: {claimed}; measured: {got}"
+
+
+# ---------------------------------------------------------------- the same claims on the emulated aarch64 Pi
+
+
+@pytest.fixture(scope="module")
+def emulated_pi_measured(stages, digits):
+    """{runtime: {recipe: doc}} measured on the emulated Raspberry Pi 4 (qemu cortex-a72, bookworm):
+    ai-edge-litert 2.3 and tflite-runtime 2.14, each model run in the device's own Python."""
+    import io
+    import tarfile
+
+    from tests.devices.conftest import device_facts, start_devices, stop_devices
+
+    index = 3  # a device of its own: the deploy tests use 0 and 1
+    started = start_devices([index])
+    try:
+        pi = device_facts(index)
+        work = stages["work"]
+        np.save(work / "feed.npy", digits["x_test"][:1])
+        (work / "recipe_child.py").write_text(_CHILD)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for p in [work / "feed.npy", work / "recipe_child.py", *(path for _, path in stages["models"].values())]:
+                tar.add(p, arcname=p.name)
+        names = " ".join(path.name for _, path in stages["models"].values())
+        out: dict[str, dict] = {}
+        for runtime, python, as_runtime in (("litert", pi.python_litert, "litert"),
+                                             ("litert-builtin", pi.python_litert, "litert-builtin"),
+                                             ("tflite-runtime", pi.python_tflite, "tflite-runtime")):
+            # One model per child, so a runtime crash costs only that model's figure.
+            remote = (f"d=$(mktemp -d) && tar -x -C $d && cd $d && for m in {names}; do "
+                      f"{python} recipe_child.py {as_runtime} feed.npy $m "
+                      f"|| echo '{{\"path\": \"'$m'\", \"ok\": false, \"error\": \"crashed\"}}'; done; rm -rf $d")
+            proc = subprocess.run(
+                ["ssh", "-i", str(pi.key), "-o", f"UserKnownHostsFile={pi.known_hosts}",
+                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-p", str(pi.port),
+                 f"{pi.user}@{pi.addr}", remote],
+                input=buf.getvalue(), capture_output=True, timeout=900)
+            docs = [json.loads(line) for line in proc.stdout.decode().splitlines() if line.startswith("{")]
+            assert docs, proc.stderr.decode()[-500:]
+            out[runtime] = {Path(d["path"]).stem: d for d in docs}
+        evidence = os.environ.get("EDGEQ_RECIPE_EVIDENCE")
+        if evidence:
+            Path(evidence).with_suffix(".arm64.json").write_text(json.dumps(out, indent=1))
+        yield out
+    finally:
+        stop_devices(started)
+
+
+@pytest.mark.slow
+@pytest.mark.arm64
+@pytest.mark.parametrize("recipe", EXECUTABLE)
+def test_runtime_claims_on_the_emulated_pi(emulated_pi_measured, recipe):
+    """The x86 claims hold on aarch64 too (LiteRT and tflite-runtime; TFLite Micro is not on a Pi)."""
+    claims = SHIPPED.get(recipe).runtimes
+    for rt in ("litert", "tflite-runtime"):
+        ok, why = _runs(emulated_pi_measured, rt, recipe)
+        assert (rt in claims) == ok, f"{recipe} on aarch64 {rt}: table says {rt in claims}, measured {ok} ({why})"
