@@ -9,8 +9,10 @@ import hashlib
 import json
 
 import pytest
+from click.testing import CliRunner
 
 from edgeq.ansible_report import write_ansible_summary
+from edgeq.cli import main
 from edgeq.deploy import DeployResult, LatencyStats
 from edgeq.rollout import RolloutOptions, rollout
 from tests.ansible.ansible_helper import ROOT, SOURCE, build_and_install, run_playbook, write_inventory
@@ -92,6 +94,12 @@ def test_playbook_canary_fails_gate_reverts_and_play_stops(fleet, tmp_path, devi
     summary = json.loads(paths.summary_json.read_text())
     assert summary["counts"]["reverted"] == 1 and summary["counts"]["not_started"] == 2
     assert summary["rollout"]["stopped"] is True
+
+    # The same through the command line (exit 7: a host failed its gate and was reverted).
+    cli = CliRunner().invoke(main, ["report", "--ansible", str(run.results), "-o", str(tmp_path / "cli")])
+    assert cli.exit_code == 7, cli.output
+    assert "0 of 3 hosts ok" in cli.output and "1 reverted" in cli.output and "2 not started" in cli.output
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["counts"] == summary["counts"]
 
 
 BAD = [
