@@ -493,6 +493,12 @@ def _sweep(remote_dir):
             _unlink(full)
             removed += 1
         elif name.startswith((LOCK_NAME + ".stale-", LOCK_NAME + ".new-")) and not os.path.islink(full):
+            # Another deploy may be between steps with these right now: only old ones are leftovers.
+            try:
+                if time.time() - os.lstat(full).st_mtime < 300:
+                    continue
+            except OSError:
+                continue
             shutil.rmtree(full, ignore_errors=True)
             removed += 1
     return removed
