@@ -35,6 +35,11 @@ MAX_ITERABLE_SAMPLES = 10_000
 
 DEFAULT_SAMPLES = 200
 
+# Images are decoded from files we did not make: one larger than this many pixels
+# (a 12 KB PNG can declare 100000 x 100000) is refused from its header, before
+# decoding. 64 Mpx is an 8k x 8k photo, far above any model input.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -321,19 +326,43 @@ def _load_images(
         raise DataError(f"{role} data {path}: input '{spec.name}' has {channels} channels; images have 1, 3 or 4")
     out = np.empty((len(idx), height, width, channels or 3), dtype=np.float32)
     for j, i in enumerate(idx):
-        f = files[i]
-        try:
-            with Image.open(f) as im:
-                im = im.convert(mode).resize((width, height), Image.BILINEAR)
-                pixels = np.asarray(im, dtype=np.float32)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{role} data {f}: cannot read image ({exc})", "remove or replace the file") from None
-        out[j] = pixels.reshape(height, width, -1)
+        out[j] = _read_image(files[i], mode, width, height, role)
     labels = None
     if labelled:
         class_index = {c: k for k, c in enumerate(classes)}
         labels = np.array([class_index[files[i].relative_to(path).parts[0]] for i in idx], dtype=np.int64)
     return [out], labels, len(files), idx
+
+
+def _read_image(f: Path, mode: str, width: int, height: int, role: str) -> np.ndarray:
+    """One image as float32 (height, width, channels); any failure of Pillow is a DataError naming the file."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its own limit and twice that; here too many pixels is an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise DataError(f"{role} data {f}: the image is {w} x {h} pixels, more than "
+                                    f"{MAX_IMAGE_PIXELS // (1024 * 1024)} Mpx (a decompression bomb?)",
+                                    "remove the file or resize it before calibrating")
+                im = im.convert(mode).resize((width, height), Image.BILINEAR)
+                pixels = np.asarray(im, dtype=np.float32)
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{role} data {f}: refused by Pillow's decompression-bomb guard ({exc})",
+                        "remove the file or resize it before calibrating") from None
+    except MemoryError:
+        raise DataError(f"{role} data {f}: not enough memory to decode the image", "resize it first") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types (SyntaxError, struct.error, ...)
+        raise DataError(f"{role} data {f}: cannot read image ({type(exc).__name__}: {exc})",
+                        "remove or replace the file") from None
+    return pixels.reshape(height, width, -1)
 
 
 def _load_function(src: str, inputs: Sequence[InputSpec], role: str) -> tuple[list[np.ndarray], Optional[np.ndarray]]:

@@ -199,3 +199,69 @@ def test_mean_std_channel_count_must_match(tmp_path):
     np.save(tmp_path / "c.npy", _x(5))
     with pytest.raises(DataError, match="--mean has 3 values but input 'image' has 1 channels"):
         load_dataset(tmp_path / "c.npy", IMAGE, DataOptions(mean=(1.0, 2.0, 3.0), std=(1.0,)))
+
+
+# ------------------------------------------------ images from elsewhere: bounded decoding
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A 57-byte PNG that declares width x height pixels (IHDR + IEND, no image data)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_image_over_pillows_bomb_guard_is_a_data_error(tmp_path, ledger):
+    _png_header_only(tmp_path / "bomb.png", 100_000, 100_000)  # 10 Gpx: Pillow raises DecompressionBombError
+    with pytest.raises(DataError, match=r"bomb\.png: .*(decompression|more than 64 Mpx)"):
+        load_dataset(tmp_path, IMAGE)
+    ledger("bad_input", "calibration image tripping Pillow's decompression-bomb guard")
+
+
+def test_real_81_megapixel_image_is_refused_before_decoding(tmp_path, ledger):
+    """Below Pillow's own limit (89 Mpx) but far above any model input: refused from its header."""
+    from PIL import Image
+
+    Image.new("1", (9000, 9000)).save(tmp_path / "huge.png")  # a few KB on disk, 81 Mpx decoded
+    assert (tmp_path / "huge.png").stat().st_size < 100_000
+    with pytest.raises(DataError, match=r"huge\.png: the image is 9000 x 9000 pixels, more than 64 Mpx"):
+        load_dataset(tmp_path, IMAGE)
+    ledger("bad_input", "calibration image of 81 Mpx in a few KB")
+
+
+def test_truncated_and_garbage_images_name_the_file(tmp_path, ledger):
+    from PIL import Image
+
+    truncated, garbage = tmp_path / "t", tmp_path / "g"
+    truncated.mkdir()
+    garbage.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(truncated / "a.jpg")
+    data = (truncated / "a.jpg").read_bytes()
+    (truncated / "a.jpg").write_bytes(data[: len(data) // 3])
+    (garbage / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(DataError, match=r"a\.jpg: cannot read image"):
+        load_dataset(truncated, IMAGE)
+    with pytest.raises(DataError, match=r"b\.png: cannot read image"):
+        load_dataset(garbage, IMAGE)
+    ledger("bad_input", "truncated or garbage calibration image")
+
+
+@pytest.mark.slow
+def test_convert_cli_with_a_bomb_in_the_image_folder_is_one_line(tmp_path, digits_keras, ledger):
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    _png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
+    res = CliRunner().invoke(main, ["convert", str(digits_keras), "--calib", str(tmp_path), "-o",
+                                    str(tmp_path / "out.tflite")])
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: calibration data ") and "bomb.png" in lines[0]
+    assert not (tmp_path / "out.tflite").exists()
+    ledger("bad_input", "edgeq convert --calib with a decompression bomb")
