@@ -484,6 +484,10 @@ def sweep(model: str | Path, calib: str | Path, eval: str | Path, target: str | 
             runnable = [o for o in outcomes if o.name in files and o.fits]
             measured, device_info, dev_warnings = _measure(runnable, files, device_opts, progress)
             warnings.extend(dev_warnings)
+            arch = (device_info or {}).get("arch")
+            if arch and not str(arch).startswith(("aarch64", "arm")):
+                warnings.append(f"the device is {arch}, not the {profile.name}'s Arm CPU: its latency (and the "
+                                "energy estimated from it) ranks recipes on that machine, not on the target")
             outcomes = [_with_device_drop(measured.get(o.name, o), float_ref, budget_metric) for o in outcomes]
             timings["device_s"] = time.perf_counter() - t
 
