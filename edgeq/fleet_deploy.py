@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from edgeq import __version__
 from edgeq.deploy import DeployOptions, DeployResult, RollbackResult, _check_model, _sha256_file, deploy, rollback
+from edgeq.device import DeviceClient
 from edgeq.errors import InputError, UsageError
 from edgeq.fleet import run_fleet
 from edgeq.inventory import InventoryHost
@@ -70,6 +71,8 @@ class FleetHost:
     error_type: Optional[str]
     seconds: float
     result: Any = None  # DeployResult for deploys, RollbackResult for rollbacks
+    # After a timeout during activation: what the device reports as active (read back), else None.
+    active_after: Optional[dict[str, Any]] = None
 
     @property
     def ok(self) -> bool:
@@ -79,6 +82,8 @@ class FleetHost:
         """The host's row in ``summary.json``."""
         row: dict[str, Any] = {"name": self.name, "target": self.target, "status": self.status,
                                "error": self.error, "error_type": self.error_type, "seconds": round(self.seconds, 3)}
+        if self.active_after is not None:
+            row["active_after_timeout"] = dict(self.active_after)
         res = self.result
         if isinstance(res, DeployResult):
             lat = res.latency_ms
@@ -218,6 +223,7 @@ class _Job:
         self.transport: Optional[Transport] = None
         self.lock = threading.Lock()
         self.cancelled = False
+        self.stage = "queued"  # the last progress stage seen: where a timeout struck
 
     def make_transport(self) -> Transport:
         with self.lock:
@@ -236,14 +242,32 @@ class _Job:
             tr.cancel()
 
 
-def _relabel(progress: Optional[ProgressCallback], name: str) -> Optional[ProgressCallback]:
-    if progress is None:
-        return None
+def _relabel(progress: Optional[ProgressCallback], job: "_Job") -> ProgressCallback:
+    name = job.target.name
 
     def relay(ev: ProgressEvent) -> None:
-        progress(ProgressEvent(ev.stage, ev.message, ev.done, ev.total, name))
+        job.stage = ev.stage
+        if progress is not None:
+            progress(ProgressEvent(ev.stage, ev.message, ev.done, ev.total, name))
 
     return relay
+
+
+def _read_back(jobs: Sequence[_Job], forks: int) -> dict[str, Any]:
+    """What each host reports as active, read over a fresh connection (bounded); errors as text."""
+    def work(job: _Job) -> dict[str, Any]:
+        o = job.target.options
+        tr = make_transport(o.host, o.ssh)
+        with tr:
+            return DeviceClient(tr, o.device_python()).state(o.remote_dir, min(o.probe_timeout, 30.0))
+
+    if not jobs:
+        return {}
+    o = jobs[0].target.options
+    deadline = o.ssh.connect_timeout * 3 + min(o.probe_timeout, 30.0) + 5
+    run = run_fleet(list(jobs), lambda j: j.target.name, work, forks=forks, deadline_s=deadline,
+                    cancel=lambda j: None)
+    return {out.host: (out.result if out.ok else (out.error or out.status)) for out in run.outcomes}
 
 
 def _run(targets: Sequence[FleetTarget], options: FleetOptions, progress: Optional[ProgressCallback],
@@ -256,7 +280,7 @@ def _run(targets: Sequence[FleetTarget], options: FleetOptions, progress: Option
         name = job.target.name
         report(progress, "queued", "starting", host=name)
         try:
-            value = work(job.target, job.make_transport(), _relabel(progress, name))
+            value = work(job.target, job.make_transport(), _relabel(progress, job))
         except Exception as exc:
             report(progress, "failed", str(exc), host=name)
             raise
@@ -270,10 +294,26 @@ def _run(targets: Sequence[FleetTarget], options: FleetOptions, progress: Option
     jobs = [_Job(t) for t in targets]
     run = run_fleet(jobs, lambda j: j.target.name, do, forks=options.forks, deadline_s=deadline, cancel=cancel)
     by_name = {o.host: o for o in run.outcomes}
+    # A host abandoned while switching models may have switched: never report that as a plain timeout.
+    switching = [j for j in jobs if by_name[j.target.name].status == "timeout" and j.stage in ("activate", "rollback")]
+    active_now = _read_back(switching, options.forks)
     hosts = []
     for t in targets:
         o = by_name[t.name]
-        hosts.append(FleetHost(t.name, t.target, o.status, o.error, o.error_type, o.seconds, o.result))
+        error, after = o.error, None
+        if t.name in active_now:
+            now = active_now[t.name]
+            if isinstance(now, dict):
+                after = now
+                cur = str(now.get("current") or "none")[:12]
+                moved = model is not None and now.get("current") == model.get("sha256")
+                error = (f"{error}; it timed out while switching models: the device now reports current = {cur}"
+                         + (" (the new model IS active)" if moved else "") + ", previous = "
+                         + str(now.get("previous") or "none")[:12])
+            else:
+                error = f"{error}; it timed out while switching models and the active model could not be read " \
+                        f"back ({str(now)[:200]}): it may have switched"
+        hosts.append(FleetHost(t.name, t.target, o.status, error, o.error_type, o.seconds, o.result, after))
     return FleetResult(action, model, tuple(hosts), run.seconds, options.forks, started_at)
 
 
