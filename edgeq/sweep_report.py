@@ -114,8 +114,13 @@ def _ticks(lo: float, hi: float, log: bool) -> list[float]:
                     out.append(v)
             e += 1
         return out or [lo, hi]
-    step = (hi - lo) / 4 if hi > lo else 1.0
-    return [lo + i * step for i in range(5)]
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / 4
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
 def _chart(title: str, xlabel: str, ylabel: str, pts: list[tuple[float, float, str, str]], note: str) -> Html:
@@ -151,12 +156,12 @@ def _chart(title: str, xlabel: str, ylabel: str, pts: list[tuple[float, float, s
     for v in _ticks(x_lo, x_hi, log):
         x = sx(v)
         parts.append(Html(f'<line x1="{x:.1f}" y1="{_MT}" x2="{x:.1f}" y2="{_H - _MB}" stroke="#eef1f4"/>'))
-        parts.append(tag("text", f"{v:.3g}", x=f"{x:.1f}", y=f"{_H - _MB + 16}", font_size="11",
+        parts.append(tag("text", f"{v:.4g}", x=f"{x:.1f}", y=f"{_H - _MB + 16}", font_size="11",
                          text_anchor="middle", fill="#5b6875"))
     for v in _ticks(y_lo, y_hi, False):
         y = sy(v)
         parts.append(Html(f'<line x1="{_ML}" y1="{y:.1f}" x2="{_W - _MR}" y2="{y:.1f}" stroke="#eef1f4"/>'))
-        parts.append(tag("text", f"{v:.1f}", x=f"{_ML - 6}", y=f"{y + 4:.1f}", font_size="11", text_anchor="end",
+        parts.append(tag("text", f"{v:g}", x=f"{_ML - 6}", y=f"{y + 4:.1f}", font_size="11", text_anchor="end",
                          fill="#5b6875"))
     parts.append(Html(f'<rect x="{_ML}" y="{_MT}" width="{_W - _ML - _MR}" height="{_H - _MT - _MB}" '
                       'fill="none" stroke="#c5ced8"/>'))
