@@ -985,7 +985,8 @@ def report_for(loaded: LoadedModel, float_model: FloatModel, calibration: Option
         input_type=quantized.input_type,
         output_type=quantized.output_type,
         per_channel=recipe.per_channel,
-        calibration={**calib, "seed": data.seed, "ranges": validation.ranges if validation else None,
+        calibration={**calib, "used": bool(calibration is not None and calibration.calibrated),
+                     "seed": data.seed, "ranges": validation.ranges if validation else None,
                      "normalisation": {k: v for k, v in data.to_dict().items()
                                        if k in ("mean", "std", "scale") and v is not None}},
         float_bytes=float_model.size_bytes,

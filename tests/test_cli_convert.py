@@ -184,7 +184,8 @@ def test_recipe_option_and_report(tmp_path, digits_keras, calib_npy, digits_eval
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "d.report.json").read_text())
     assert report["recipe"]["name"] == "int4-dynamic" and report["recipe"]["weights_bits"] == 4
-    assert report["input_type"] == "float32" and "recipe int4-dynamic: 4-bit weights" in r.output
+    assert report["input_type"] == "float32" and report["calibration"]["used"] is False
+    assert "recipe int4-dynamic: int4 weights per channel" in r.output and "no calibration needed" in r.output
     assert report["fidelity"][0]["top1_agreement"] > 0.8
 
 

@@ -168,11 +168,13 @@ def summary_lines(result) -> list[str]:  # type: ignore[no-untyped-def]
     r = result
     est = " (est.)" if r.float_bytes_source == "estimated" else ""
     recipe = r.recipe
-    what = (f"recipe {recipe.name}: {recipe.weights_bits}-bit weights {recipe.granularity_label()}, "
-            f"{recipe.activations} activations" if recipe is not None and recipe.name not in ("int8", "int16x8",
-                                                                                                 "int8-per-tensor")
-            else f"{r.scheme}, {'per-channel' if r.per_channel else 'per-tensor'} weights")
-    calib_note = f", {r.calibration['samples']} calibration samples" if r.calibration.get("samples") else ""
+    if recipe is not None and recipe.name not in ("int8", "int16x8", "int8-per-tensor"):
+        what = f"recipe {recipe.name}: " + (recipe.description or
+                                            f"{recipe.weights_bits}-bit weights, {recipe.activations} activations")
+    else:
+        what = f"{r.scheme}, {'per-channel' if r.per_channel else 'per-tensor'} weights"
+    calib_note = (f", {r.calibration['samples']} calibration samples" if r.calibration.get("used", True)
+                  else ", no calibration needed")
     lines = [
         f"wrote {r.output}  ({what}{calib_note})",
         f"report {r.report_path}",
