@@ -124,3 +124,33 @@ def test_plan_rejects_an_empty_remote_dir_before_anything_runs(fleet, opts, mode
     with pytest.raises(UsageError, match="edgeq_remote_dir"):
         plan_fleet([host], DeployOptions(**FAST))
     ledger("bad_input", "empty edgeq_remote_dir in an inventory")
+
+
+@pytest.mark.parametrize("mode", ["stall"])  # a cut link is seen by sshd, which ends the session itself
+def test_a_runner_cut_off_from_its_host_stops_by_itself(fleet, opts, model_a, model_b, tmp_path, mode, ledger):
+    """Over a silent link nobody can kill the runner: it must stop on its own deadline, not run on for a minute."""
+    from tests.faultproxy import FaultProxy
+
+    remote = tmp_path / "device"
+    server = fleet.servers[0]
+    with FaultProxy(server.port) as proxy:
+        kh = fleet.known_hosts(tmp_path / "kh_proxy", {proxy.port: server.port})
+        o = replace(opts, host=f"{server.user}@127.0.0.1:{proxy.port}", ssh=replace(opts.ssh, known_hosts=str(kh)))
+        deploy(model_a, o)
+
+        def on(ev):
+            if ev.stage == "measure":
+                if mode == "stall":
+                    threading.Timer(0.5, lambda: proxy.arm("stall", 0)).start()
+                else:
+                    threading.Timer(0.5, proxy.cut_now).start()
+
+        with pytest.raises(DeviceError):
+            deploy(model_b, replace(o, run_timeout=4.0, min_seconds=60.0, max_runs=10**9), on)
+        gone_by = time.monotonic() + 4.0
+        while _runner_pids(str(remote)) and time.monotonic() < gone_by:
+            time.sleep(0.1)
+        assert _runner_pids(str(remote)) == [], "the runner kept running after its host was cut off"
+        assert active(remote) == sha(model_a)
+    ledger("fault", f"link {mode} mid-run: runner stops on its own deadline")
+    ledger("model_kept", f"link {mode} mid-run")
