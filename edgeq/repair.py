@@ -352,6 +352,8 @@ def _channel_ranges(work: _Work) -> dict[str, tuple[np.ndarray, np.ndarray, bool
     sg = model.main
     watch = {t: sg.tensors[t].name for t in sg.inputs if sg.tensors[t].dtype == "float32"}
     inputs = set(watch)
+    outputs = set(sg.outputs)
+    keys = conv._signature_names(work.float_model.content)
     watch.update({op.outputs[0]: sg.tensors[op.outputs[0]].name for op in sg.operators
                   if op.outputs and sg.tensors[op.outputs[0]].dtype == "float32"})
     lo: dict[int, np.ndarray] = {}
@@ -376,6 +378,8 @@ def _channel_ranges(work: _Work) -> dict[str, tuple[np.ndarray, np.ndarray, bool
         grew = full > 0 and half.get(t, full) < 0.95 * full
         if t in inputs:
             layer = "input " + name.split(":")[0].removeprefix("serving_default_")
+        elif t in outputs:
+            layer = f"output {keys.get(t, name.split(';')[0])}"  # the last op's tensor has no layer scope
         else:
             layer = conv._layer_of(name, work.loaded.layer_names, work.loaded.model_name) or name.split(";")[0]
         out[name] = (lo[t], hi[t], grew, layer)
@@ -429,7 +433,7 @@ def _diagnose(work: _Work, validation: Any, warns: list[str]) -> tuple[LayerDiag
     for name in order:
         e = layers[name]
         findings = []
-        if e["ratio"] is not None and e["ratio"] >= OUTLIER_RATIO:
+        if e["ratio"] is not None and e["ratio"] >= OUTLIER_RATIO and e["channels"]:
             wide, median = e["span"]
             step = wide / 255
             what = "feature" if name.startswith("input ") else "output channel"
@@ -439,7 +443,7 @@ def _diagnose(work: _Work, validation: Any, warns: list[str]) -> tuple[LayerDiag
                             f"{step:.3g} leaves the median {what.split()[-1]} {median / step:.2g} levels")
         if e["error"] is not None and e["error"] > BAD_LAYER_STEPS:
             findings.append(f"output error {e['error']:.1f} quantization steps (rounding alone is about 0.3)")
-        if name.startswith("input ") and e["ratio"] is not None and e["ratio"] >= OUTLIER_RATIO:
+        if name.startswith("input ") and e["ratio"] is not None and e["ratio"] >= OUTLIER_RATIO and e["channels"]:
             findings.append("the int8 input cannot hold such uneven features: normalise them (--mean/--std, "
                             "per feature) or scale them in the model's first layer")
         if e["unsettled"]:
@@ -450,7 +454,7 @@ def _diagnose(work: _Work, validation: Any, warns: list[str]) -> tuple[LayerDiag
     known = set(work.loaded.layer_names)
     result = [d for d in result if d.findings or d.layer in known]
     # Root causes (outlier channels) first, then the layers whose output error they cause.
-    result.sort(key=lambda d: (not d.findings, not (d.outlier_ratio or 0) >= OUTLIER_RATIO, -(d.error_steps or 0.0)))
+    result.sort(key=lambda d: (not d.findings, not d.outlier_channels, -(d.error_steps or 0.0)))
     return tuple(result)
 
 
@@ -458,9 +462,9 @@ def _named_layers(diagnosis: tuple[LayerDiagnosis, ...], layer_names: list[str],
     """The layers to keep in higher precision: outlier layers, the layers they feed, and badly quantized ones."""
     chosen: list[str] = []
     for d in diagnosis:
-        if d.layer.startswith("input "):
-            continue  # the model input stays int8: no layer to keep in higher precision
-        if d.outlier_ratio is not None and d.outlier_ratio >= OUTLIER_RATIO:
+        if d.layer.startswith(("input ", "output ")):
+            continue  # model inputs and outputs keep their int8 type: no layer to scope
+        if d.outlier_channels:
             chosen.append(d.layer)
             if d.layer in layer_names:  # its consumer reads the same activation
                 i = layer_names.index(d.layer)

@@ -86,9 +86,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
     np.savez(root / "eval.npz", x=data["x_test"], y=data["y_test"])
     np.savez(root / "train.npz", x=data["x_train"], y=data["y_train"])
 
-    # 2. Outlier input feature: the pixel that varies most, 1000x larger in the data.
+    # The unmodified model: int8 loses little.
     model.get_layer("hidden").set_weights([w1, b1])
     model.get_layer("hidden2").set_weights([w2, b2])
+    model.save(root / "plain.keras")
+    # Calibration data whose full-contrast images are rare (5 %); the rest are faint.
+    rare = data["x_train"].copy()
+    rare[:-60] *= 0.25
+    np.save(root / "calib_rare.npy", rare)
+
+    # 2. Outlier input feature: the pixel that varies most, 1000x larger in the data.
     j = int(np.argmax(data["x_train"].std(axis=0)))
     w1i = w1.copy()
     w1i[j, :] /= FACTOR
@@ -100,7 +107,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     model.save(root / "input_outlier.keras")
     np.save(root / "calib_input.npy", scaled["x_train"][:200])
     np.savez(root / "eval_input.npz", x=scaled["x_test"], y=scaled["y_test"])
-    return {"root": root, "outlier": root / "outlier.keras", "calib": root / "calib.npy", "eval": root / "eval.npz",
+    return {"root": root, "plain": root / "plain.keras", "calib_rare": root / "calib_rare.npy",
+            "outlier": root / "outlier.keras", "calib": root / "calib.npy", "eval": root / "eval.npz",
             "train": root / "train.npz", "input_outlier": root / "input_outlier.keras",
             "calib_input": root / "calib_input.npy", "eval_input": root / "eval_input.npz"}
 
@@ -233,6 +241,39 @@ def test_within_budget_needs_no_repair(models, tmp_path):
                                  ConvertOptions(eval_data=str(models["eval_input"])),
                                  RepairOptions(max_drop=100.0), target="rpi4")
     assert result.chosen == "baseline" and result.attempts == () and out.exists()
+
+
+@pytest.mark.slow
+def test_too_few_calibration_samples_are_fixed_by_calibrating_on_all(models, tmp_path):
+    from edgeq.calibration import DataOptions
+    from edgeq.convert import ConvertOptions
+    from edgeq.repair import RepairOptions, convert_with_budget
+
+    out = tmp_path / "c.tflite"
+    # 50 samples drawn from data where full contrast is rare: ranges too narrow (measured drop 7.4 points).
+    options = ConvertOptions(eval_data=str(models["eval"]), data=DataOptions(samples=50))
+    result = convert_with_budget(models["plain"], models["calib_rare"], out, options,
+                                 RepairOptions(max_drop=1.0), target="cortex-m4")
+    assert result.baseline.drop > 3
+    assert result.chosen == "calibration"
+    attempt = result.attempts[0]
+    assert attempt.extra["samples"] == 1200 and "was 50" in attempt.detail
+    assert attempt.drop <= 1.0 and attempt.runs_on_target
+
+
+@pytest.mark.slow
+def test_qat_attempt_with_train_data_is_full_integer_on_a_microcontroller(models, tmp_path):
+    result = None
+    try:
+        result = _repair(models, "cortex-m4", tmp_path / "q.tflite", fixes=("qat",),
+                         train_data=str(models["train"]))
+    except OverBudget as exc:  # QAT cannot undo a 1000x channel in 3 epochs; the attempt is what matters
+        result = exc.result
+    (qat,) = result.attempts
+    assert qat.fix == "qat" and qat.tried
+    assert qat.runs_on_target is True  # cortex-m4 requires full integer: no float tensor survived
+    assert qat.extra["rebuilt_in_tf_keras"] is True and qat.extra["epochs"] == 3
+    assert "quantization-aware training" in qat.detail
 
 
 def test_repair_options_are_validated():
