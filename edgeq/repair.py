@@ -40,13 +40,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from edgeq import __version__
-from edgeq.calibration import DataOptions, Dataset, InputSpec, load_dataset
-from edgeq.errors import EdgeqError, InputError, ModelError, OverBudget, UsageError
+from edgeq.calibration import DataOptions, Dataset, load_dataset
+from edgeq.errors import EdgeqError, InputError, OverBudget, UsageError
 from edgeq.progress import ProgressCallback, report
 
 FIXES = ("calibration", "equalize", "mixed-int16", "float-fallback", "qat")
@@ -335,9 +335,9 @@ def _loaded_for(work: _Work, model: Any) -> Any:
 # ---------------------------------------------------------------- diagnosis
 
 
-def _channel_ranges(work: _Work) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
+def _channel_ranges(work: _Work) -> dict[str, tuple[np.ndarray, np.ndarray, bool, str]]:
     """Per activation tensor of the float model: per-channel (min, max) over the calibration data, and
-    whether its overall range still grew in the second half of the samples."""
+    whether its overall range still grew in the second half of the samples, and the layer it belongs to."""
     from ai_edge_litert.interpreter import Interpreter
     from edgeq.tflite_file import parse_tflite
 
