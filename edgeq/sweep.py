@@ -232,7 +232,8 @@ def _objective_value(r: RecipeOutcome, objective: str) -> Optional[float]:
 
 def _order_key(r: RecipeOutcome, objective: str, recommended: Optional[str]) -> tuple:
     v = _objective_value(r, objective)
-    return (r.name != recommended, not r.executable, r.error is not None, v is None,
+    unmeasured = objective != "size" and r.device is None and r.device_error is not None
+    return (r.name != recommended, not r.executable, r.error is not None, v is None, unmeasured,
             v if v is not None else 0.0, r.size_bytes or 0, r.name)
 
 
