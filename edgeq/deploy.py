@@ -39,7 +39,7 @@ import secrets
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -83,6 +83,7 @@ class DeployOptions:
     eval_timeout: Optional[float] = None  # on-device evaluation cap; default half of run_timeout
     reference_timeout: Optional[float] = None  # host reference cap; default run_timeout
     keep: Optional[int] = None  # after activation keep the N newest models (plus current and previous)
+    layers: int = 0  # compare every intermediate tensor of this many eval inputs with the host (0: off)
 
     def eval_cap(self) -> float:
         return self.eval_timeout if self.eval_timeout is not None else self.run_timeout / 2
@@ -153,6 +154,7 @@ class DeployResult:
     warnings: tuple[str, ...] = ()
     edgeq_version: str = __version__
     activation: Optional[dict[str, Any]] = None
+    layer_diff: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         lat = asdict(self.latency_ms)
@@ -176,6 +178,7 @@ class DeployResult:
             "agreement": self.agreement,
             "transfer": dict(self.transfer),
             "activation": dict(self.activation) if self.activation is not None else None,
+            "layer_diff": self.layer_diff,
             "warnings": list(self.warnings),
         }
 
@@ -227,6 +230,10 @@ def check_options(options: DeployOptions) -> None:
         raise UsageError(f"--remote-dir {rd!r} cannot be a directory")
     if options.keep is not None and options.keep < 0:
         raise UsageError(f"--keep {options.keep}: must be 0 or more")
+    if options.layers < 0 or options.layers > 1000:
+        raise UsageError(f"--layers {options.layers}: must be from 1 to 1000 inputs")
+    if options.layers and not options.eval_data:
+        raise UsageError("--layers needs --eval DATA.npz (the inputs it runs)")
     for name in ("probe_timeout", "upload_timeout", "run_timeout", "cleanup_timeout", "lock_stale_s"):
         v = getattr(options, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -518,6 +525,13 @@ def _session(models: list[Path], options: DeployOptions, progress: Optional[Prog
             if eval_path and any("eval" not in d for d in run_docs):
                 raise DeviceProtocolError(f"the runner on {host} returned no evaluation although eval data were "
                                           "given", host=host)
+            layer_diffs: dict[str, Optional[dict[str, Any]]] = {}
+            if options.layers and eval_path and eval_rel:
+                for model, sha in zip(models, shas):
+                    if sha not in layer_diffs:
+                        report(progress, "layers", f"intermediate tensors of {model.name} on {host}", host=host)
+                        layer_diffs[sha] = _layer_diff(dev, model, f"{remote_dir}/{rel_of[('model', sha)]}",
+                                                       eval_path, f"{remote_dir}/{eval_rel}", options, warnings)
             if activate:
                 report(progress, "activate", f"activating {shas[0][:12]} on {host}", host=host)
                 activation = _activate(dev, lock, shas[0], options, before)
@@ -532,10 +546,31 @@ def _session(models: list[Path], options: DeployOptions, progress: Optional[Prog
         if i == 0:
             sent["eval"] = sent_files.get(("eval", eval_sha), 0) if eval_path and eval_sha else 0
             sent["runner"] = 0
-        results.append(_result(model, sha, run_doc, facts, options, python, remote_dir, rel_of[("model", sha)],
-                               eval_path, eval_sha, sent, upload_s, lock, transport, started_at, started,
-                               list(warnings), act, progress))
+        res = _result(model, sha, run_doc, facts, options, python, remote_dir, rel_of[("model", sha)],
+                      eval_path, eval_sha, sent, upload_s, lock, transport, started_at, started,
+                      list(warnings), act, progress)
+        results.append(replace(res, layer_diff=layer_diffs.get(sha)) if layer_diffs else res)
     return results
+
+
+def _layer_diff(dev: DeviceClient, model: Path, remote_model: str, eval_path: Path, remote_eval: str,
+                options: DeployOptions, warnings: list[str]) -> Optional[dict[str, Any]]:
+    """The first intermediate tensor where the device differs from the host (a finding, not a failure)."""
+    from edgeq.layerdiff import compare, host_layers, layers_args, op_outputs
+
+    try:
+        host_doc = host_layers(model, eval_path, options.layers, options.reference_cap())
+        wanted = op_outputs(host_doc)
+        args = layers_args(remote_model, remote_eval, options.layers)
+        if wanted:
+            args += ["--tensors", ",".join(str(t) for t in wanted)]
+        device_doc = dev.layers(args, options.run_timeout, f"the layer run of {model.name}")
+        return compare(device_doc, host_doc).to_dict()
+    except ConnectError:
+        raise
+    except DeviceError as exc:
+        warnings.append(f"no layer diff: {exc}")
+        return {"error": str(exc)}
 
 
 def _result(model: Path, model_sha: str, run_doc: dict[str, Any], facts: dict[str, Any], options: DeployOptions,

@@ -162,8 +162,10 @@ INSTALL = obj(installed=array(text(4096)))
 EVAL = obj(samples=integer(0), seconds=num(0), accuracy=optional(num(0, 1)), mae=optional(num(0)),
            task=optional(text(32)), outputs=optional(ENCODED), outputs_truncated=optional(boolean))
 LAYERS = obj(runtime=obj(name=text(64), version=optional(text(64))), samples=integer(0),
-             tensors=array(obj(index=integer(0), dtype=text(16), shape=array(integer(0, 1 << 31), 16),
-                               b64=text(MAX_DOCUMENT_BYTES)), 1 << 16))
+             tensors=array(obj(index=integer(0), name=text(1024), dtype=text(16),
+                               shape=array(integer(0, 1 << 31), 16), quantization=array(num(), 2, 2),
+                               b64=text(MAX_DOCUMENT_BYTES)), 1 << 16),
+             ops=optional(array(obj(index=integer(0), op=text(64), outputs=array(integer(0), 64)), 100000)))
 
 
 def run_schema(max_samples: int) -> Check:

@@ -110,6 +110,10 @@ def _inventory_hosts(inventory: Path, limit: Optional[str]):
 @click.option("--no-xnnpack", is_flag=True, help="Disable the XNNPACK delegate (reference kernels).")
 @click.option("--no-activate", is_flag=True,
               help="Measure only: leave REMOTE_DIR/current pointing at the model that was active.")
+@click.option("--layers", "layers", default=0, type=int, metavar="N",
+              help="Run N eval inputs on the device keeping every intermediate tensor, compare each with the "
+                   "host's LiteRT, and name the first tensor (op, layer) that differs by more than one "
+                   "quantization step. Needs --eval.")
 @click.option("--keep", type=int, metavar="N",
               help="After activating, delete all but the N newest models on the device (the active and the "
                    "previous model are always kept).")
@@ -138,7 +142,8 @@ def _inventory_hosts(inventory: Path, limit: Optional[str]):
 def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Optional[Path], limit: Optional[str],
            forks: int, identity: Optional[str], known_hosts: Optional[str], accept_new_host_key: bool,
            python: Optional[str], remote_dir: str, eval_data: Optional[str], runs: int, warmup: int,
-           threads: Optional[int], no_xnnpack: bool, no_activate: bool, keep: Optional[int], connect_timeout: float,
+           threads: Optional[int], no_xnnpack: bool, no_activate: bool, layers: int, keep: Optional[int],
+           connect_timeout: float,
            host_timeout: Optional[float], canary: int, batch: Optional[str], max_fail: float,
            gate_accuracy: Optional[float], gate_p99_ms: Optional[float], report_dir: Optional[Path],
            as_json: bool) -> None:
@@ -165,7 +170,7 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
                          "--inventory", hint="put the host in an inventory of one")
     options = DeployOptions(
         host=host, python=python, remote_dir=remote_dir, eval_data=eval_data, runs=runs, warmup=warmup,
-        threads=threads, xnnpack=not no_xnnpack, activate=not no_activate, keep=keep,
+        threads=threads, xnnpack=not no_xnnpack, activate=not no_activate, keep=keep, layers=layers,
         ssh=_ssh_options(identity, known_hosts, accept_new_host_key, connect_timeout),
     )
     if keep is not None and no_activate:
@@ -228,6 +233,12 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
         return
     for line in summary_lines(result):
         click.echo(line)
+    if result.layer_diff and "error" not in result.layer_diff:
+        from edgeq.escape import term
+        from edgeq.layerdiff import layer_diff_lines
+
+        for line in layer_diff_lines(result.layer_diff):
+            click.echo(term(line))
     act = result.activation or {}
     if act.get("activated"):
         click.echo(f"active model: {act['active'][:12]} ({'switched' if act.get('switched') else 'already active'}; "
