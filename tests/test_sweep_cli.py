@@ -121,3 +121,27 @@ def test_no_recipe_qualifies_exits_5_after_the_table(digits_keras, calib_npy, di
     assert res.output.rstrip().splitlines()[-1].startswith("error: no executable recipe qualifies")
     assert json.loads((out / "sweep.json").read_text())["recommended"] is None
     assert (out / "fp32.tflite").is_file()  # every executable recipe is written, qualifying or not
+
+
+@pytest.mark.slow
+def test_sweep_measures_on_the_first_inventory_host(digits_keras, calib_npy, digits_eval_npz, device_python,
+                                                    tmp_path):
+    inv = tmp_path / "hosts.ini"
+    inv.write_text(f"[pis]\nbench ansible_connection=local ansible_python_interpreter={device_python} "
+                   f"edgeq_remote_dir={tmp_path / 'device'}\n")
+    out = tmp_path / "out"
+    res = _run(str(digits_keras), "--calib", str(calib_npy), "--eval", str(digits_eval_npz), "--target", "rpi4",
+               "--inventory", str(inv), "--recipes", "int8,fp32", "--samples", "20", "--eval-samples", "60",
+               "--runs", "5", "--min-seconds", "0.05", "--max-drop", "5", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["device"]["host"] == "local" and doc["device"]["runtime"]["name"] == "tflite_runtime"
+    assert all(r["device"]["latency_ms"]["p50"] > 0 for r in doc["recipes"])
+    assert (tmp_path / "device").is_dir()  # the inventory's edgeq_remote_dir was used
+    import platform
+
+    arch = platform.machine()
+    assert f"device: local ({arch}" in res.output
+    # This machine as the device for a Pi target: the sweep says whose latency it ranked.
+    assert (f"warning: the device is {arch}, not the rpi4's Arm CPU" in res.output) == (
+        not arch.startswith(("aarch64", "arm")))
