@@ -419,12 +419,6 @@ def _port(text: str, spec: str) -> int:
 
 
 def fingerprint(key: object) -> str:
-    """OpenSSH-style ``SHA256:...`` fingerprint of a paramiko public key."""
-    digest = hashlib.sha256(key.asbytes()).digest()  # type: ignore[attr-defined]
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-def fingerprint(key: object) -> str:
     """OpenSSH-style ``SHA256:...`` fingerprint of a paramiko public key (or of a key blob)."""
     blob = key if isinstance(key, bytes) else key.asbytes()  # type: ignore[attr-defined]
     digest = hashlib.sha256(blob).digest()
@@ -546,10 +540,6 @@ class _Watchdog:
         with self._lock:
             self._finished = True
         self._timer.cancel()
-
-
-class _Timeout(Exception):
-    """A step of a remote command ran out of time (internal)."""
 
 
 # -- ssh_config
@@ -1049,14 +1039,15 @@ class SSHTransport(Transport):
         err = _Capture(self.max_output_bytes, keep_tail=True)
         marker = _PidMarker(nonce, err)
         tr = self._transport()
+        wait = left(step)
         try:
-            chan = tr.open_session(timeout=left(step))
+            chan = tr.open_session(timeout=wait)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             if not self._alive():
                 raise ConnectError(f"the SSH connection to {self.host} was lost before: {_short(command)}",
                                    hint="check the link to the device and retry", host=self.host) from None
             raise RemoteCommandError(
-                f"{self.host} did not open a session within {left(step):g} s ({exc or type(exc).__name__}) "
+                f"{self.host} did not open a session within {wait:g} s ({exc or type(exc).__name__}) "
                 f"for: {_short(command)}", hint="the device's sshd is overloaded or hung; check it, or raise "
                 "--connect-timeout", host=self.host, command=command) from None
         try:

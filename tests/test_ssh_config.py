@@ -49,7 +49,7 @@ def _device(sshd, extra: str = "") -> str:
             f"  IdentityFile {sshd.client_key}\n{extra}")
 
 
-def test_proxy_command_is_used(ssh_server, ssh_opts, tmp_path, monkeypatch):  # noqa: F811
+def test_proxy_command_is_used(ssh_server, ssh_opts, tmp_path, monkeypatch):
     relay = tmp_path / "relay.py"
     relay.write_text(RELAY)
     note = tmp_path / "proxy_ran"
@@ -63,7 +63,7 @@ def test_proxy_command_is_used(ssh_server, ssh_opts, tmp_path, monkeypatch):  # 
     assert "PATH" in lines[1:]
 
 
-def test_proxy_command_that_fails_is_one_line_naming_it(ssh_server, ssh_opts, tmp_path, ledger):  # noqa: F811
+def test_proxy_command_that_fails_is_one_line_naming_it(ssh_server, ssh_opts, tmp_path, ledger):
     cfg = _config(tmp_path, _device(ssh_server, "  ProxyCommand sh -c 'echo no route to device >&2; exit 9'\n"))
     with pytest.raises(ConnectError) as exc:
         SSHTransport("device", replace(ssh_opts, identity=None, ssh_config=str(cfg), connect_retries=0)).connect()
@@ -73,7 +73,7 @@ def test_proxy_command_that_fails_is_one_line_naming_it(ssh_server, ssh_opts, tm
     ledger("fault", "ssh-proxycommand-fails")
 
 
-def test_proxy_jump_goes_through_the_jump_host(ssh_server, ssh_opts, tmp_path, ledger):  # noqa: F811
+def test_proxy_jump_goes_through_the_jump_host(ssh_server, ssh_opts, tmp_path, ledger):
     cfg = _config(tmp_path, _device(ssh_server, "  ProxyJump bastion\n")
                   + f"Host bastion\n  HostName 127.0.0.1\n  Port {ssh_server.port}\n  User {ssh_server.user}\n"
                     f"  IdentityFile {ssh_server.client_key}\n")
@@ -84,7 +84,7 @@ def test_proxy_jump_goes_through_the_jump_host(ssh_server, ssh_opts, tmp_path, l
     assert ssh_server.log.read_text().count("direct-tcpip") > before
 
 
-def test_proxy_jump_chain_of_two_hops(ssh_server, ssh_opts, tmp_path):  # noqa: F811
+def test_proxy_jump_chain_of_two_hops(ssh_server, ssh_opts, tmp_path):
     hop = f"{ssh_server.user}@127.0.0.1:{ssh_server.port}"
     cfg = _config(tmp_path, _device(ssh_server, f"  ProxyJump {hop},ssh://{hop}\n"))
     # No IdentityFile for the hops: they use the device's --identity.
@@ -93,7 +93,7 @@ def test_proxy_jump_chain_of_two_hops(ssh_server, ssh_opts, tmp_path):  # noqa: 
         assert len(tr._jumps) == 2
 
 
-def test_unreachable_jump_host_is_not_bypassed(ssh_server, ssh_opts, tmp_path, ledger):  # noqa: F811
+def test_unreachable_jump_host_is_not_bypassed(ssh_server, ssh_opts, tmp_path, ledger):
     # The device itself is reachable directly; its config says to go through a bastion that is down.
     cfg = _config(tmp_path, _device(ssh_server, f"  ProxyJump {ssh_server.user}@127.0.0.1:{free_port()}\n"))
     with pytest.raises(ConnectError) as exc:
@@ -102,7 +102,7 @@ def test_unreachable_jump_host_is_not_bypassed(ssh_server, ssh_opts, tmp_path, l
     ledger("fault", "ssh-proxyjump-down")
 
 
-def test_jump_host_key_is_checked_too(ssh_server, ssh_opts, tmp_path):  # noqa: F811
+def test_jump_host_key_is_checked_too(ssh_server, ssh_opts, tmp_path):
     # Record the device under its HostKeyAlias only: the jump host (same server, no alias) is then unknown.
     kh = tmp_path / "kh_alias_only"
     kh.write_text(f"device-key {ssh_server.host_key_pub}\n")
@@ -112,7 +112,7 @@ def test_jump_host_key_is_checked_too(ssh_server, ssh_opts, tmp_path):  # noqa: 
         SSHTransport("device", replace(ssh_opts, identity=None, ssh_config=str(cfg), known_hosts=str(kh))).connect()
 
 
-def test_host_key_alias_is_the_known_hosts_name(ssh_server, ssh_opts, tmp_path, ledger):  # noqa: F811
+def test_host_key_alias_is_the_known_hosts_name(ssh_server, ssh_opts, tmp_path, ledger):
     kh = tmp_path / "kh_alias"
     kh.write_text(f"mypi-key {ssh_server.host_key_pub}\n")
     cfg = _config(tmp_path, _device(ssh_server, "  HostKeyAlias mypi-key\n"))
@@ -126,7 +126,7 @@ def test_host_key_alias_is_the_known_hosts_name(ssh_server, ssh_opts, tmp_path, 
     assert kh2.read_text() == f"mypi-key {ssh_server.host_key_pub}\n"
 
 
-def test_user_known_hosts_file_from_config(ssh_server, ssh_opts, tmp_path, monkeypatch):  # noqa: F811
+def test_user_known_hosts_file_from_config(ssh_server, ssh_opts, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~/.ssh/known_hosts does not know the device
     kh = tmp_path / "elsewhere" / "hosts"
     kh.parent.mkdir()
@@ -137,7 +137,7 @@ def test_user_known_hosts_file_from_config(ssh_server, ssh_opts, tmp_path, monke
     assert not (tmp_path / "home" / ".ssh").exists()
 
 
-def test_user_known_hosts_file_receives_new_keys(ssh_server, ssh_opts, tmp_path, monkeypatch):  # noqa: F811
+def test_user_known_hosts_file_receives_new_keys(ssh_server, ssh_opts, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     kh = tmp_path / "cfg_known_hosts"
     cfg = _config(tmp_path, _device(ssh_server, f"  UserKnownHostsFile {kh}\n"))
@@ -155,7 +155,7 @@ def test_user_known_hosts_file_receives_new_keys(ssh_server, ssh_opts, tmp_path,
     ("ProxyJump user@", "invalid ProxyJump"),
     ("UserKnownHostsFile \"unterminated", "invalid userknownhostsfile"),
 ])
-def test_bad_config_values_are_one_line_errors(ssh_server, ssh_opts, tmp_path, line, what, ledger):  # noqa: F811
+def test_bad_config_values_are_one_line_errors(ssh_server, ssh_opts, tmp_path, line, what, ledger):
     cfg = _config(tmp_path, f"Host device\n  {line}\n")
     with pytest.raises(UsageError) as exc:
         SSHTransport("device", replace(ssh_opts, ssh_config=str(cfg), known_hosts=None))
@@ -164,7 +164,7 @@ def test_bad_config_values_are_one_line_errors(ssh_server, ssh_opts, tmp_path, l
     ledger("bad_input", f"ssh-config-{line.split()[0].lower()}-{line.split()[1][:8]}")
 
 
-def test_proxy_command_and_proxy_jump_together_are_refused(ssh_opts, tmp_path):  # noqa: F811
+def test_proxy_command_and_proxy_jump_together_are_refused(ssh_opts, tmp_path):
     cfg = _config(tmp_path, "Host device\n  ProxyJump a\n  ProxyCommand nc %h %p\n")
     with pytest.raises(UsageError, match="both ProxyCommand and ProxyJump"):
         SSHTransport("device", replace(ssh_opts, ssh_config=str(cfg)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
 import stat
 import threading
 from dataclasses import replace
@@ -79,7 +78,7 @@ def test_unreadable_file_is_one_error(tmp_path):
 
 
 @pytest.mark.ssh
-def test_cert_authority_line_does_not_break_the_connection(ssh_server, ssh_opts, other_key, ledger):  # noqa: F811
+def test_cert_authority_line_does_not_break_the_connection(ssh_server, ssh_opts, other_key, ledger):
     path = Path(ssh_opts.known_hosts)
     path.write_text(f"@cert-authority * {other_key}\n" + path.read_text() + "@revoked nothing.example ssh-rsa AAAA\n")
     with SSHTransport(ssh_server.spec, ssh_opts) as tr:
@@ -89,7 +88,7 @@ def test_cert_authority_line_does_not_break_the_connection(ssh_server, ssh_opts,
 
 @pytest.mark.ssh
 @pytest.mark.parametrize("accept_new", [False, True])
-def test_revoked_host_key_is_refused_even_if_listed(ssh_server, ssh_opts, accept_new, ledger):  # noqa: F811
+def test_revoked_host_key_is_refused_even_if_listed(ssh_server, ssh_opts, accept_new, ledger):
     path = Path(ssh_opts.known_hosts)
     path.write_text(path.read_text() + f"@revoked * {ssh_server.host_key_pub}\n")
     before = path.read_text()
@@ -101,7 +100,7 @@ def test_revoked_host_key_is_refused_even_if_listed(ssh_server, ssh_opts, accept
 
 
 @pytest.mark.ssh
-def test_global_known_hosts_file_is_read(ssh_server, ssh_opts, tmp_path):  # noqa: F811
+def test_global_known_hosts_file_is_read(ssh_server, ssh_opts, tmp_path):
     user = tmp_path / "user_kh"
     user.write_text("")
     system = tmp_path / "ssh_known_hosts"
@@ -113,13 +112,13 @@ def test_global_known_hosts_file_is_read(ssh_server, ssh_opts, tmp_path):  # noq
 
 
 @pytest.mark.ssh
-def test_global_file_default_is_etc_ssh(ssh_server, ssh_opts):  # noqa: F811
+def test_global_file_default_is_etc_ssh(ssh_server, ssh_opts):
     tr = SSHTransport(ssh_server.spec, replace(ssh_opts, global_known_hosts=None))
     assert [str(p) for p in tr._conf.global_known_hosts] == ["/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2"]
 
 
 @pytest.mark.ssh
-def test_changed_key_names_the_file_and_line(ssh_server, ssh_opts, other_key):  # noqa: F811
+def test_changed_key_names_the_file_and_line(ssh_server, ssh_opts, other_key):
     path = Path(ssh_opts.known_hosts)
     path.write_text(f"# first line\n[127.0.0.1]:{ssh_server.port} {other_key}\n")
     with pytest.raises(HostKeyError, match="CHANGED") as exc:
@@ -128,7 +127,7 @@ def test_changed_key_names_the_file_and_line(ssh_server, ssh_opts, other_key):  
 
 
 @pytest.mark.ssh
-def test_new_key_is_hashed_in_a_hashed_file(ssh_server, ssh_opts, other_key, ledger):  # noqa: F811
+def test_new_key_is_hashed_in_a_hashed_file(ssh_server, ssh_opts, other_key, ledger):
     path = Path(ssh_opts.known_hosts)
     path.write_text(f"{kh.hash_name('other.example')} {other_key}\n")
     path.chmod(0o640)
@@ -145,7 +144,7 @@ def test_new_key_is_hashed_in_a_hashed_file(ssh_server, ssh_opts, other_key, led
 
 
 @pytest.mark.ssh
-def test_hash_known_hosts_option_hashes_a_new_file(ssh_server, ssh_opts, tmp_path):  # noqa: F811
+def test_hash_known_hosts_option_hashes_a_new_file(ssh_server, ssh_opts, tmp_path):
     cfg = tmp_path / "ssh_config"
     cfg.write_text("Host *\n  HashKnownHosts yes\n")
     path = tmp_path / "new" / "known_hosts"
@@ -184,7 +183,7 @@ def test_record_through_a_symlink_writes_its_target(tmp_path, other_key):
 
 
 @pytest.mark.ssh
-def test_known_hosts_that_cannot_be_written_is_one_error(ssh_server, ssh_opts, tmp_path, ledger):  # noqa: F811
+def test_known_hosts_that_cannot_be_written_is_one_error(ssh_server, ssh_opts, tmp_path, ledger):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where ~/.ssh should be")
     opts = replace(ssh_opts, known_hosts=str(blocker / "known_hosts"), accept_new_host_key=True)

@@ -18,14 +18,14 @@ FLOOD = ["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' o; head -c 3000000 /d
 ONE_HUGE_LINE = ["sh", "-c", "head -c 5000000 /dev/zero | tr '\\0' x >&2; exit 3"]
 
 
-def _transports(ssh_server, ssh_opts):  # noqa: F811
+def _transports(ssh_server, ssh_opts):
     return {"ssh": lambda: SSHTransport(ssh_server.spec, replace(ssh_opts, max_output_bytes=CAP)),
             "local": lambda: LocalTransport(max_output_bytes=CAP)}
 
 
 @pytest.mark.ssh
 @pytest.mark.parametrize("kind", ["ssh", "local"])
-def test_each_stream_is_capped_and_drained(ssh_server, ssh_opts, kind, ledger):  # noqa: F811
+def test_each_stream_is_capped_and_drained(ssh_server, ssh_opts, kind, ledger):
     with _transports(ssh_server, ssh_opts)[kind]() as tr:
         res = tr.run(FLOOD, timeout=60)
     assert res.ok  # the command finished: the host kept reading past the cap
@@ -36,7 +36,7 @@ def test_each_stream_is_capped_and_drained(ssh_server, ssh_opts, kind, ledger): 
 
 @pytest.mark.ssh
 @pytest.mark.parametrize("kind", ["ssh", "local"])
-def test_error_message_is_bounded_and_says_it_was_cut(ssh_server, ssh_opts, kind, ledger):  # noqa: F811
+def test_error_message_is_bounded_and_says_it_was_cut(ssh_server, ssh_opts, kind, ledger):
     with _transports(ssh_server, ssh_opts)[kind]() as tr:
         with pytest.raises(RemoteCommandError) as exc:
             tr.run(ONE_HUGE_LINE, timeout=60)
@@ -49,7 +49,7 @@ def test_error_message_is_bounded_and_says_it_was_cut(ssh_server, ssh_opts, kind
 
 
 @pytest.mark.ssh
-def test_default_cap_is_one_mib(ssh_server, ssh_opts):  # noqa: F811
+def test_default_cap_is_one_mib(ssh_server, ssh_opts):
     with SSHTransport(ssh_server.spec, ssh_opts) as tr:
         res = tr.run(["sh", "-c", "head -c 1500000 /dev/zero | tr '\\0' o"], timeout=60)
     assert DEFAULT_MAX_OUTPUT == 1024 * 1024
@@ -57,7 +57,7 @@ def test_default_cap_is_one_mib(ssh_server, ssh_opts):  # noqa: F811
 
 
 @pytest.mark.ssh
-def test_small_output_is_whole_and_not_flagged(ssh_server, ssh_opts):  # noqa: F811
+def test_small_output_is_whole_and_not_flagged(ssh_server, ssh_opts):
     with SSHTransport(ssh_server.spec, ssh_opts) as tr:
         res = tr.run(["sh", "-c", "echo out; echo err >&2"], timeout=20)
     assert (res.stdout, res.stderr, res.stdout_truncated, res.stderr_truncated) == ("out\n", "err\n", False, False)
@@ -75,7 +75,7 @@ def _pids(tmp_path) -> list[int]:
 
 
 @pytest.mark.ssh
-def test_ssh_timeout_kills_the_remote_process_group(ssh_server, ssh_opts, tmp_path, ledger):  # noqa: F811
+def test_ssh_timeout_kills_the_remote_process_group(ssh_server, ssh_opts, tmp_path, ledger):
     with SSHTransport(ssh_server.spec, ssh_opts) as tr:
         with pytest.raises(RemoteCommandError, match="timed out after 1.5 s") as exc:
             tr.run(_sleeper(tmp_path), timeout=1.5)
@@ -94,7 +94,7 @@ def test_local_timeout_kills_the_process_group(tmp_path, ledger):
 
 
 @pytest.mark.ssh
-def test_ssh_stdin_larger_than_the_window_while_output_flows(ssh_server, ssh_opts):  # noqa: F811
+def test_ssh_stdin_larger_than_the_window_while_output_flows(ssh_server, ssh_opts):
     # 5 MB in, echoed back out: the host must feed stdin and drain stdout at the same time.
     data = b"0123456789abcdef" * 320_000
     with SSHTransport(ssh_server.spec, replace(ssh_opts, max_output_bytes=8 << 20)) as tr:
