@@ -113,3 +113,19 @@ def test_edgeq_check_process_never_imports_tensorflow(digits_int8_tflite):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "TF False" in out.stdout
+
+
+@pytest.mark.slow
+def test_tensor_names_cannot_drive_the_terminal(digits_float_tflite, tmp_path, ledger):
+    """A tensor name is text from the model file: escape sequences in it reach the terminal escaped."""
+    data = digits_float_tflite.read_bytes()
+    name = b"serving_default_image:0"
+    assert data.count(name) == 1
+    evil = b"\x1b]0;pwned\x07\x1b[2J\r\x9b"
+    crafted = tmp_path / "crafted.tflite"
+    crafted.write_bytes(data.replace(name, evil + b"x" * (len(name) - len(evil))))
+    r = _run("check", str(crafted), "--target", "cortex-m4", "--no-measure")
+    assert r.exit_code == 3, r.output
+    assert "\x1b" not in r.output and "\x07" not in r.output and "\r" not in r.output
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\x0d" in r.output
+    ledger("bad_input", "escape sequences in a tensor name (edgeq check)")
