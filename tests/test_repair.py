@@ -129,7 +129,7 @@ def _float_tensors(path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["rpi4", "cortex-m4"])
+@pytest.mark.parametrize("target", ["rpi4", pytest.param("cortex-m4", marks=pytest.mark.micro)])
 def test_collapsing_model_is_repaired_by_equalization(models, tmp_path, target):
     out = tmp_path / "model.tflite"
     result = _repair(models, target, out)
@@ -176,6 +176,7 @@ def test_without_equalization_linux_falls_back_to_float_and_says_int16_is_slow(m
 
 
 @pytest.mark.slow
+@pytest.mark.micro  # the cortex-m4 check measures the arena with TFLite Micro
 def test_microcontroller_refuses_float_fallback_and_tries_int16(models, tmp_path):
     out = tmp_path / "m.tflite"
     with pytest.raises(OverBudget) as err:
@@ -206,6 +207,7 @@ def _cli(args: list[str]):
 
 
 @pytest.mark.slow
+@pytest.mark.micro  # the cortex-m4 check measures the arena with TFLite Micro
 def test_unreachable_budget_exits_6_and_writes_nothing_unless_keep_best(models, tmp_path):
     out = tmp_path / "best.tflite"
     args = ["convert", str(models["input_outlier"]), "--calib", str(models["calib_input"]), "--eval",
@@ -244,6 +246,7 @@ def test_within_budget_needs_no_repair(models, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.micro  # the cortex-m4 check measures the arena with TFLite Micro
 def test_too_few_calibration_samples_are_fixed_by_calibrating_on_all(models, tmp_path):
     from edgeq.calibration import DataOptions
     from edgeq.convert import ConvertOptions
@@ -262,6 +265,7 @@ def test_too_few_calibration_samples_are_fixed_by_calibrating_on_all(models, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.micro  # the cortex-m4 check measures the arena with TFLite Micro
 def test_qat_attempt_with_train_data_is_full_integer_on_a_microcontroller(models, tmp_path):
     result = None
     try:
