@@ -813,6 +813,9 @@ def quantize(float_model: FloatModel, calibration: Optional[Calibration], recipe
         except EdgeqError:
             raise
         except Exception as exc:  # noqa: BLE001 - the quantizers raise many kinds
+            if recipe.quantizer == "litert-quantizer":
+                raise ConversionError(f"litert-quantizer could not make recipe '{recipe.name}': {_first_line(exc)}",
+                                      "choose another recipe, or run with --debug for the full message") from exc
             raise _converter_error(exc, _scheme_of(recipe), loaded.layer_names, loaded.model_name) from exc
     quant = parse_tflite(content, f"{recipe.name} model")
     if recipe.full_integer:

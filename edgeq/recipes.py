@@ -122,6 +122,8 @@ def load_recipes(path: Optional[str | Path] = None) -> RecipeTable:
     try:
         if p.is_dir():
             raise RecipeError(f"{where} is a directory, not a recipe file", "give a .toml file")
+        if p.exists() and not p.is_file():  # a FIFO or device would block or never end
+            raise RecipeError(f"{where} is not a regular file", "give a .toml file")
         with open(p, "rb") as f:
             raw = f.read(_MAX_FILE + 1)
     except FileNotFoundError:

@@ -123,6 +123,9 @@ def test_missing_and_binary_recipe_files(tmp_path):
         load_recipes(tmp_path / "bin.toml")
     with pytest.raises(RecipeError, match="is a directory"):
         load_recipes(tmp_path)
+    os.mkfifo(tmp_path / "fifo.toml")
+    with pytest.raises(RecipeError, match="fifo.toml is not a regular file"):
+        load_recipes(tmp_path / "fifo.toml")
 
 
 # ---------------------------------------------------------------- every recipe made from one export + calibration
