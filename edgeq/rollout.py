@@ -23,7 +23,6 @@ was already active before the rollout), ``revert_failed``, ``not_started``.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -34,8 +33,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from edgeq import __version__
-from edgeq.deploy import DeployResult, acquire_lock, release_lock, runner_source
-from edgeq.errors import ConnectError, DeviceError, DeviceProtocolError, UsageError
+from edgeq.deploy import DeployResult
+from edgeq.device import DeviceClient, DeviceLock
+from edgeq.errors import ConnectError, DeviceError, UsageError
 from edgeq.fleet import run_fleet
 from edgeq.fleet_deploy import FleetHost, FleetOptions, FleetTarget, deploy_fleet, plan_fleet
 from edgeq.inventory import InventoryHost
@@ -44,7 +44,6 @@ from edgeq.transport import Transport, make_transport
 
 FAILED_STATUSES = ("failed", "timeout", "reverted", "gate_failed", "revert_failed")
 _BATCH_RE = re.compile(r"^\s*(\d+)\s*(%?)\s*$")
-_MAX_DOC = 16 << 20  # a gate document larger than this is not a runner document
 
 
 @dataclass(frozen=True)
@@ -238,25 +237,6 @@ def _validate(options: RolloutOptions) -> None:
 # --------------------------------------------------------------------- gate
 
 
-def _runner_doc(tr: Transport, argv: list[str], timeout: float, what: str) -> dict[str, Any]:
-    """Run the runner (sent on stdin) and return its one JSON document, validated as a dict."""
-    res = tr.run(argv, timeout, stdin=runner_source(), check=False)
-    if res.signal:
-        return {"ok": False, "error": f"the runner was killed by {res.signal} while {what}", "kind": "crash"}
-    text = res.stdout.strip()
-    if not text or len(text) > _MAX_DOC:
-        raise DeviceProtocolError(f"the runner on {tr.host} gave no result while {what} "
-                                  f"(exit status {res.exit_status}): {res.tail(3)}", host=tr.host)
-    try:
-        doc = json.loads(text.splitlines()[-1])
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
-        raise DeviceProtocolError(f"the runner on {tr.host} answered with something that is not a runner document "
-                                  f"while {what}", host=tr.host)
-    return doc
-
-
 def _finite(value: Any) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -280,36 +260,37 @@ def _p99(samples: Any) -> Optional[float]:
     return float(np.percentile(np.asarray(vals, dtype=np.float64), 99))
 
 
-def check_gate(tr: Transport, python: str, remote_dir: str, expected: str, eval_remote: Optional[str],
-               options: RolloutOptions, timeout: float) -> GateResult:
-    """Run the model from ``REMOTE_DIR/current`` and judge it against the gate (caller holds the lock)."""
-    path = f"{remote_dir}/current/model.tflite"
-    # A plain readlink, not the probe: the probe imports the runtime, which takes seconds on a small board.
-    link = tr.run(["readlink", f"{remote_dir}/current"], timeout, check=False)
-    target = link.stdout.strip().rstrip("/").split("/") if link.ok else []
-    active = _sha_or_none(target[-1]) if len(target) == 2 and target[0] == "models" else None
+def check_gate(dev: DeviceClient, lock: DeviceLock, expected: str, eval_remote: Optional[str],
+               options: RolloutOptions) -> GateResult:
+    """Run the model from ``REMOTE_DIR/current`` and judge it against the gate (under ``lock``)."""
+    d = options.fleet.deploy
+    path = f"{lock.remote_dir}/current/model.tflite"
+    active = _sha_or_none(dev.state(lock.remote_dir, d.probe_timeout).get("current"))
     if active != expected:
         return GateResult(False, (f"current is {str(active)[:12]}, not the deployed {expected[:12]} "
                                   "(another deploy switched it)",), active, None, None, 0, path)
-    d = options.fleet.deploy
-    argv = [python, "-", "run", "--model", path]
+    args = ["--model", path, "--max-outputs", "0", "--dir", lock.remote_dir, "--token", lock.token]
     if options.gate_p99_ms is not None:
-        argv += ["--runs", str(d.runs), "--warmup", str(d.warmup), "--min-seconds", repr(float(d.min_seconds)),
+        args += ["--runs", str(d.runs), "--warmup", str(d.warmup), "--min-seconds", repr(float(d.min_seconds)),
                  "--min-warmup-seconds", repr(float(d.min_warmup_seconds)), "--max-runs", str(d.max_runs)]
     else:
-        argv.append("--eval-only")  # load + first inference (+ eval): no timing loop needed
+        args.append("--eval-only")  # load + first inference (+ eval): no timing loop needed
     if eval_remote:
-        argv += ["--eval", eval_remote]
+        args += ["--eval", eval_remote]
     if d.threads:
-        argv += ["--threads", str(d.threads)]
+        args += ["--threads", str(d.threads)]
     if not d.xnnpack:
-        argv.append("--no-xnnpack")
-    doc = _runner_doc(tr, argv, d.run_timeout, "running the health gate")
-    if not doc["ok"]:
-        reason = str(doc.get("error") or "the runner failed")[:300]
-        return GateResult(False, (f"smoke run from current failed: {reason}",), active, None, None, 0, path)
+        args.append("--no-xnnpack")
+    try:
+        doc = dev.run(args, d.run_timeout, "the health gate", max_samples=max(d.max_runs, d.runs))
+    except ConnectError:
+        raise
+    except DeviceError as exc:  # the model does not load or infer from current: that is the gate failing
+        return GateResult(False, (f"smoke run from current failed: {str(exc)[:300]}",), active, None, None, 0,
+                          path)
     reasons = []
-    accuracy = _finite((doc.get("eval") or {}).get("accuracy")) if isinstance(doc.get("eval"), dict) else None
+    ev = doc.get("eval")
+    accuracy = _finite(ev.get("accuracy")) if isinstance(ev, dict) else None
     samples = doc.get("samples_ms")
     p99 = _p99(samples)
     if options.gate_accuracy is not None:
@@ -326,14 +307,12 @@ def check_gate(tr: Transport, python: str, remote_dir: str, expected: str, eval_
     return GateResult(not reasons, tuple(reasons), active, accuracy, p99, runs, path)
 
 
-def revert(tr: Transport, python: str, remote_dir: str, token: str, timeout: float) -> RevertResult:
-    """Swap ``current`` and ``previous`` back (the caller holds the lock with ``token``)."""
+def revert(dev: DeviceClient, lock: DeviceLock, timeout: float) -> RevertResult:
+    """Swap ``current`` and ``previous`` back (under ``lock``); never raises: a failed revert is a result."""
     try:
-        doc = _runner_doc(tr, [python, "-", "rollback", "--dir", remote_dir, "--token", token], timeout, "reverting")
+        doc = dev.rollback(lock, timeout)
     except DeviceError as exc:
-        return RevertResult(False, None, None, str(exc))
-    if not doc["ok"]:
-        return RevertResult(False, None, None, str(doc.get("error") or "the rollback failed")[:300])
+        return RevertResult(False, None, None, str(exc)[:500])
     return RevertResult(True, _sha_or_none(doc.get("active")), _sha_or_none(doc.get("previous")), None)
 
 
@@ -348,19 +327,18 @@ class _GateOutcome:
 def _gate_host(target: FleetTarget, result: DeployResult, options: RolloutOptions, tr: Transport,
                progress: Optional[ProgressCallback]) -> _GateOutcome:
     d = target.options
-    python = d.device_python()
     remote_dir = str(result.settings.get("remote_dir") or d.remote_dir)
     sha = str(result.model["sha256"])
     ev = result.evaluation or {}
     eval_remote = f"{remote_dir}/data/{ev['sha256']}/eval.npz" if ev.get("sha256") else None
     switched = bool((result.activation or {}).get("switched"))
     name = target.name
+    ttl = 3 * d.probe_timeout + d.run_timeout + d.cleanup_timeout + 60
     with tr:
+        dev = DeviceClient(tr, d.device_python())
         report(progress, "gate", f"health gate from {remote_dir}/current", host=name)
-        lock = acquire_lock(tr, python, remote_dir, d, sha)
-        link_lost = False
-        try:
-            gate = check_gate(tr, python, lock.remote_dir, sha, eval_remote, options, d.probe_timeout)
+        with dev.locked(remote_dir, d.probe_timeout, d.lock_stale_s, ttl, d.cleanup_timeout, sha) as lock:
+            gate = check_gate(dev, lock, sha, eval_remote, options)
             if gate.passed:
                 return _GateOutcome(gate, None, "ok", None)
             why = "; ".join(gate.reasons)
@@ -371,7 +349,7 @@ def _gate_host(target: FleetTarget, result: DeployResult, options: RolloutOption
                                     f"failed its gate ({why}); it was already active before this rollout, "
                                     "so there is nothing to revert to")
             report(progress, "revert", f"gate failed ({why}); reverting", host=name)
-            rev = revert(tr, python, lock.remote_dir, lock.token, d.probe_timeout)
+            rev = revert(dev, lock, d.probe_timeout)
             if rev.ok:
                 return _GateOutcome(gate, rev, "reverted",
                                     f"failed its gate ({why}); reverted to {str(rev.active)[:12]}")
@@ -379,12 +357,6 @@ def _gate_host(target: FleetTarget, result: DeployResult, options: RolloutOption
                                 f"REVERT FAILED: failed its gate ({why}) and could not revert ({rev.error}); "
                                 f"the failing model {sha[:12]} may still be active: run `edgeq rollback` "
                                 "on this host")
-        except ConnectError:
-            link_lost = True
-            raise
-        finally:
-            if not link_lost:
-                release_lock(tr, python, lock, d.cleanup_timeout)
 
 
 class _GateJob:

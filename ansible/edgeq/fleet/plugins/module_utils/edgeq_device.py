@@ -152,8 +152,14 @@ class Device:
     def path(self, rel):
         return os.path.join(self.dir, rel)
 
-    def probe(self):
-        doc = call(["probe", "--dir", self.dir])
+    def probe(self, have=(), prepare=False):
+        """The runner's probe; ``have`` is ((rel, sha256), ...); ``prepare`` makes the safe 0700 layout."""
+        argv = ["probe", "--dir", self.dir]
+        if prepare:
+            argv.append("--prepare")
+        for rel, sha in have:
+            argv += ["--have", rel, sha]
+        doc = call(argv)
         if not doc["ok"]:
             raise EdgeqModuleError("the probe failed: %s" % doc.get("error"))
         return doc
@@ -162,22 +168,16 @@ class Device:
         return runner.activation_state(self.dir) if os.path.isdir(self.dir) else {"current": None, "previous": None}
 
     def has(self, rel, sha):
-        """True when ``rel`` exists and really has this sha256 (a corrupt file is re-sent, not trusted)."""
-        path = self.path(rel)
-        if not os.path.isfile(path) or os.path.islink(path):
-            return False
-        try:
-            return runner._sha256(path) == sha
-        except (OSError, IOError):
-            return False
+        """True when ``rel`` is a regular file with this sha256 (a corrupt file is re-sent, never trusted)."""
+        return runner._file_sha(self.path(rel)) == sha
 
     @contextlib.contextmanager
-    def locked(self, model_sha, stale_after):
+    def locked(self, model_sha, stale_after, ttl):
         token = os.urandom(12).hex()
         owner = {"user": os.environ.get("USER") or "?", "controller": "ansible (edgeq.fleet) on %s" % socket.gethostname(),
                  "pid": os.getpid(), "model": model_sha or "", "tool": "edgeq.fleet"}
         doc = call(["lock", "--dir", self.dir, "--token", token, "--owner", json.dumps(owner),
-                    "--stale-after", repr(float(stale_after))])
+                    "--stale-after", repr(float(stale_after)), "--ttl", repr(float(ttl))])
         if not doc["ok"]:
             if doc.get("kind") == "busy":
                 o = doc.get("owner") if isinstance(doc.get("owner"), dict) else {}
@@ -195,13 +195,12 @@ class Device:
             self.token = None
 
     def install(self, tmp, rel, sha):
-        """Copy an uploaded temp file beside its final path, then let the runner verify its sha256 and rename it."""
+        """Copy an uploaded temp file beside its final path (made 0700 by the probe), then let the runner verify
+        its sha256 and rename it into place."""
         final = self.path(rel)
-        folder = os.path.dirname(final)
-        if not os.path.isdir(folder):
-            os.makedirs(folder, 0o700)
         staged = "%s.tmp-%s" % (final, os.urandom(6).hex())
-        with open(tmp, "rb") as src, open(staged, "wb") as dst:
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(tmp, "rb") as src, os.fdopen(fd, "wb") as dst:
             while True:
                 chunk = src.read(1 << 20)
                 if not chunk:
@@ -218,7 +217,12 @@ class Device:
             raise EdgeqModuleError("the upload failed verification on the device: %s" % doc.get("error"))
 
     def run(self, model_path, params, eval_path, timed):
-        argv = ["run", "--model", model_path, "--max-outputs", "0"]
+        timeout = params["run_timeout"]
+        # The runner kills itself just before we would give up on it; --dir/--token keep our lock fresh.
+        argv = ["run", "--model", model_path, "--max-outputs", "0",
+                "--deadline", repr(max(0.5, timeout - min(2.0, 0.1 * timeout)))]
+        if self.token:
+            argv += ["--dir", self.dir, "--token", self.token]
         if timed:
             argv += ["--runs", str(params["runs"]), "--warmup", str(params["warmup"]),
                      "--min-seconds", repr(float(params["min_seconds"])),
@@ -232,7 +236,7 @@ class Device:
             argv += ["--threads", str(params["threads"])]
         if not params.get("xnnpack", True):
             argv.append("--no-xnnpack")
-        return run_child(argv, params["run_timeout"])
+        return run_child(argv, timeout)
 
     def activate(self, sha):
         doc = call(["activate", "--dir", self.dir, "--sha", sha, "--token", self.token])

@@ -5,14 +5,27 @@ Standard library + numpy + whichever TFLite runtime is importable
 Works on Python 3.8+, numpy 1.x and 2.x. Every mode prints ONE JSON document
 on stdout; failures print ``{"ok": false, "error": ..., "kind": ...}`` and exit 2.
 
+The host always sends this file on stdin (``python - MODE ...``); nothing
+ever executes a runner file found on the device.
+
 Modes:
-  probe   [--dir DIR] [--have RELPATH ...]     device facts, in one round trip
+  probe   [--dir DIR] [--have REL SHA ...]     device facts in one round trip; the sha256 of every file the
+                                               host asks about (a corrupt file is then re-sent); with --prepare,
+                                               DIR and DIR/{models,data,runner} made 0700 and checked
   install --item TMP FINAL SHA256 [...]        verify sha256 on the device, then rename
-  run     --model PATH [--eval NPZ] [...]      load, time, evaluate
-  lock    --dir DIR --token T --owner JSON     take the device lock (mkdir, atomic) or report who holds it
+  run     --model PATH [--eval NPZ] [...]      load, time, evaluate (each under its own time cap)
+  layers  --model PATH --eval NPZ --count N    every intermediate tensor for N inputs (bounded)
+  lock    --dir DIR --token T --owner JSON     take the device lock (atomic rename of a complete lock
+                                               directory) or report who holds it
+  refresh --dir DIR --token T                  heartbeat: the lock is not stale while its holder refreshes it
   unlock  --dir DIR --token T                  release it (only if T holds it)
-  activate --dir DIR --sha SHA --token T       point DIR/current at models/SHA (atomic rename)
+  activate --dir DIR --sha SHA --token T       point DIR/current at models/SHA (atomic rename) [--keep N]
   rollback --dir DIR --token T                 swap DIR/current and DIR/previous
+  state   --dir DIR                            which model current and previous point at
+
+Every directory edgeq uses on the device (DIR, models/, data/, runner/, lock)
+must be a real directory (not a symlink), owned by this user and not writable
+by group or others; edgeq creates them 0700.
 
 Activation layout: ``DIR/current`` and ``DIR/previous`` are symlinks to
 ``models/<sha256>``; applications load ``DIR/current/model.tflite``. A switch
@@ -27,20 +40,24 @@ from __future__ import print_function
 
 import argparse
 import base64
+import errno
 import glob
 import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 
 RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
-RUNNER_VERSION = 2
+RUNNER_VERSION = 3
+SUBDIRS = ("models", "data", "runner")
 
 
 class RunnerError(Exception):
@@ -219,8 +236,77 @@ def _disk_free(path):
     return {"path": probe, "free_bytes": st.f_bavail * st.f_frsize, "total_bytes": st.f_blocks * st.f_frsize}
 
 
+# ------------------------------------------------------------ safe directories
+
+def _remote_dir(text):
+    if not text or not text.strip():
+        raise RunnerError("the remote directory is empty", "usage")
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _check_dir(path, st):
+    if stat.S_ISLNK(st.st_mode):
+        raise RunnerError("%s is a symlink; edgeq refuses to follow it (remove the link, or pass a --remote-dir "
+                          "that is a real directory of your own)" % path, "unsafe")
+    if not stat.S_ISDIR(st.st_mode):
+        raise RunnerError("%s is not a directory (remove it or pass another --remote-dir)" % path, "unsafe")
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise RunnerError("%s is owned by uid %d, not by this user (uid %d); use a --remote-dir of your own"
+                          % (path, st.st_uid, os.geteuid()), "unsafe")
+    if st.st_mode & 0o022:
+        raise RunnerError("%s is writable by group or others (mode %o); run `chmod go-w %s` on the device or use "
+                          "another --remote-dir" % (path, stat.S_IMODE(st.st_mode), path), "unsafe")
+
+
+def safe_dir(path, create=True):
+    """Check (and with ``create`` make, mode 0700) a directory edgeq owns; never through a symlink."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT or not create:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise RunnerError("cannot inspect %s: %s" % (path, exc.strerror or exc), "io")
+        parent = os.path.dirname(path)
+        try:
+            if parent and not os.path.isdir(parent):
+                os.makedirs(parent, 0o700)
+            os.mkdir(path, 0o700)
+        except OSError as exc2:
+            if exc2.errno != errno.EEXIST:
+                raise RunnerError("cannot create %s: %s" % (path, exc2.strerror or exc2), "io")
+        st = os.lstat(path)
+    _check_dir(path, st)
+    return True
+
+
+def safe_layout(remote_dir, create=True):
+    """DIR and DIR/{models,data,runner}, each checked; returns ``remote_dir``."""
+    if not safe_dir(remote_dir, create):
+        return remote_dir
+    for sub in SUBDIRS:
+        safe_dir(os.path.join(remote_dir, sub), create)
+    return remote_dir
+
+
+def _file_sha(path):
+    """sha256 of a regular file (never through a symlink), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    try:
+        return _sha256(path, sync=False)
+    except (OSError, IOError):
+        return None
+
+
 def probe(args):
-    remote_dir = os.path.abspath(os.path.expanduser(args.dir)) if args.dir else None
+    remote_dir = _remote_dir(args.dir) if args.dir is not None else None
+    if remote_dir and args.prepare:
+        safe_layout(remote_dir)
     cpu_model, board, qemu = _cpu_info()
     total, available = _meminfo()
     try:
@@ -238,8 +324,14 @@ def probe(args):
         problems["numpy"] = "numpy is not importable"
     temp = _run_tool(["vcgencmd", "measure_temp"])
     have = {}
-    for rel in args.have or []:
-        have[rel] = bool(remote_dir) and os.path.isfile(os.path.join(remote_dir, rel))
+    for rel, _expected in args.have or []:
+        if not remote_dir or rel.startswith("/") or ".." in rel.split("/"):
+            raise RunnerError("not a path inside the remote directory: %r" % rel, "usage")
+        full = os.path.join(remote_dir, rel)
+        have[rel] = _file_sha(full)
+        if args.prepare:
+            # models/<sha>/ made here, 0700, so the upload lands in a directory of ours.
+            safe_dir(os.path.dirname(full))
     governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
     freq = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq")
     return {
@@ -275,7 +367,7 @@ def probe(args):
 
 # ------------------------------------------------------------------- install
 
-def _sha256(path):
+def _sha256(path, sync=True):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -283,7 +375,8 @@ def _sha256(path):
             if not chunk:
                 break
             h.update(chunk)
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
@@ -291,6 +384,10 @@ def install(args):
     done = []
     for tmp, final, expected in args.item or []:
         try:
+            st = os.lstat(tmp)
+            if not stat.S_ISREG(st.st_mode):
+                raise RunnerError("uploaded file %s is not a regular file" % tmp, "io")
+            _check_dir(os.path.dirname(final), os.lstat(os.path.dirname(final)))
             actual = _sha256(tmp)
         except (OSError, IOError) as exc:
             raise RunnerError("cannot read uploaded file %s: %s" % (tmp, exc), "io")
@@ -323,6 +420,7 @@ def _unlink(path):
 
 LOCK_NAME = "lock"
 OWNER_FILE = "owner.json"
+HEARTBEAT_FILE = "heartbeat"
 
 
 def _fsync_dir(path):
@@ -338,14 +436,18 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _suffix():
+    return base64.b16encode(os.urandom(6)).decode().lower()
+
+
 def _lock_owner(lock_dir):
-    """The owner document of a lock directory, with its age on the device clock."""
+    """The owner document of a lock directory, with its age (since its last heartbeat) on the device clock."""
     path = os.path.join(lock_dir, OWNER_FILE)
     doc = None
     try:
         with open(path) as f:
-            doc = json.load(f)
-    except (OSError, IOError, ValueError):
+            doc = json.loads(f.read(65536))
+    except (OSError, IOError, ValueError, RecursionError):
         doc = None
     if not isinstance(doc, dict):
         doc = {}
@@ -353,92 +455,181 @@ def _lock_owner(lock_dir):
         since = float(doc.get("since")) if doc.get("since") is not None else os.stat(lock_dir).st_mtime
     except (OSError, TypeError, ValueError):
         since = time.time()
+    try:
+        since = max(since, os.stat(os.path.join(lock_dir, HEARTBEAT_FILE)).st_mtime)
+    except OSError:
+        pass
     doc["age_s"] = round(max(0.0, time.time() - since), 3)
     return doc
 
 
+def _stale_after(owner, stale_after):
+    """A lock is stale after ``stale_after`` s without a heartbeat, or after its holder's own deadline if longer."""
+    ttl = owner.get("ttl_s")
+    if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl == ttl and 0 < ttl < 10 ** 7:
+        return max(stale_after, float(ttl))
+    return stale_after
+
+
 def _sweep(remote_dir):
-    """Remove what a killed deploy left behind: temp uploads, temp links, broken locks."""
+    """Remove what a killed deploy left behind: temp uploads, temp links, broken locks. Never follows a symlink."""
     removed = 0
-    for sub in ("models", "data", "runner"):
-        for root, _dirs, files in os.walk(os.path.join(remote_dir, sub)):
+    for sub in SUBDIRS:
+        top = os.path.join(remote_dir, sub)
+        try:
+            _check_dir(top, os.lstat(top))
+        except (OSError, RunnerError):
+            continue
+        for root, dirs, files in os.walk(top, followlinks=False):
+            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
             for name in files:
-                if ".tmp-" in name:
-                    _unlink(os.path.join(root, name))
+                full = os.path.join(root, name)
+                if ".tmp-" in name and not os.path.islink(full):
+                    _unlink(full)
                     removed += 1
     for name in os.listdir(remote_dir):
         full = os.path.join(remote_dir, name)
         if name.startswith((".current.tmp-", ".previous.tmp-")):
             _unlink(full)
             removed += 1
-        elif name.startswith(LOCK_NAME + ".stale-"):
+        elif name.startswith((LOCK_NAME + ".stale-", LOCK_NAME + ".new-")) and not os.path.islink(full):
+            # Another deploy may be between steps with these right now: only old ones are leftovers.
+            try:
+                if time.time() - os.lstat(full).st_mtime < 300:
+                    continue
+            except OSError:
+                continue
             shutil.rmtree(full, ignore_errors=True)
             removed += 1
     return removed
 
 
-def lock(args):
-    remote_dir = os.path.abspath(os.path.expanduser(args.dir))
+def _new_lock_dir(remote_dir, owner):
+    """A complete lock directory (owner.json inside) at a temporary name, ready to be renamed into place."""
+    tmp_dir = os.path.join(remote_dir, "%s.new-%s" % (LOCK_NAME, _suffix()))
     try:
-        if not os.path.isdir(remote_dir):
-            os.makedirs(remote_dir)
+        os.mkdir(tmp_dir, 0o700)
+        with open(os.path.join(tmp_dir, OWNER_FILE), "w") as f:
+            json.dump(owner, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, IOError) as exc:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise RunnerError("cannot write the lock owner in %s: %s (is the disk full?)"
+                          % (remote_dir, getattr(exc, "strerror", None) or exc), "io")
+    return tmp_dir
+
+
+def _take(tmp_dir, lock_dir):
+    """Rename the complete lock directory into place; False when a (non-empty) lock is already there."""
+    try:
+        os.rename(tmp_dir, lock_dir)
+        return True
     except OSError as exc:
-        raise RunnerError("cannot create %s: %s" % (remote_dir, exc.strerror or exc), "io")
-    lock_dir = os.path.join(remote_dir, LOCK_NAME)
-    broke = None
-    for _attempt in range(2):
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+            return False
+        raise RunnerError("cannot create the lock %s: %s" % (lock_dir, exc.strerror or exc), "io")
+
+
+def _break(lock_dir, stale_token):
+    """Move a stale lock aside, atomically; only if the directory moved is the one judged stale.
+
+    Two deploys that both saw the same stale lock race here: the first rename
+    wins; a second rename that grabbed a *fresh* lock (whose token differs) is
+    put back at once, so at most one deploy ever holds the lock.
+    """
+    aside = "%s.stale-%s" % (lock_dir, _suffix())
+    try:
+        os.rename(lock_dir, aside)
+    except OSError:
+        return False
+    if _lock_owner(aside).get("token") != stale_token:
         try:
-            os.mkdir(lock_dir)
-        except OSError as exc:
-            if not os.path.isdir(lock_dir):
-                raise RunnerError("cannot create the lock %s: %s" % (lock_dir, exc.strerror or exc), "io")
-            owner = _lock_owner(lock_dir)
-            stale = args.stale_after is not None and owner["age_s"] > args.stale_after
-            if broke is None and (stale or (args.break_token and owner.get("token") == args.break_token)):
-                # rename is atomic: of two deploys breaking the same stale lock, one wins.
-                aside = "%s.stale-%s" % (lock_dir, base64.b16encode(os.urandom(4)).decode().lower())
-                try:
-                    os.rename(lock_dir, aside)
-                    shutil.rmtree(aside, ignore_errors=True)
-                    broke = owner
-                    broke["reason"] = "older than %g s" % args.stale_after if stale else "its holder is gone"
-                except OSError:
-                    pass
+            os.rename(aside, lock_dir)  # fails (non-empty target) only if a third deploy holds it by now
+        except OSError:
+            pass
+        return False
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
+
+
+def lock(args):
+    remote_dir = safe_layout(_remote_dir(args.dir))
+    lock_dir = os.path.join(remote_dir, LOCK_NAME)
+    try:
+        owner = json.loads(args.owner) if args.owner else {}
+    except ValueError:
+        raise RunnerError("--owner is not JSON", "usage")
+    if not isinstance(owner, dict):
+        raise RunnerError("--owner is not a JSON object", "usage")
+    owner.update({"token": args.token, "since": time.time(), "device_pid": os.getpid()})
+    if args.ttl is not None:
+        owner["ttl_s"] = float(args.ttl)
+    tmp_dir = _new_lock_dir(remote_dir, owner)
+    broke = None
+    try:
+        for _attempt in range(3):
+            if os.path.islink(lock_dir):
+                raise RunnerError("%s is a symlink; edgeq refuses to follow it (remove it)" % lock_dir, "unsafe")
+            if _take(tmp_dir, lock_dir):
+                tmp_dir = None
+                _fsync_dir(remote_dir)
+                return {"ok": True, "mode": "lock", "remote_dir": remote_dir, "broke_stale": broke,
+                        "swept": _sweep(remote_dir)}
+            current = _lock_owner(lock_dir)
+            if args.race_hook:  # tests only: run a command between reading the owner and breaking the lock
+                subprocess.call(args.race_hook, shell=True)
+            limit = _stale_after(current, args.stale_after) if args.stale_after is not None else None
+            stale = limit is not None and current["age_s"] > limit
+            gone = bool(args.break_token) and current.get("token") == args.break_token
+            if broke is None and (stale or gone) and current.get("token"):
+                if _break(lock_dir, current.get("token")):
+                    broke = current
+                    broke["reason"] = ("older than %g s" % limit) if stale else "its holder is gone"
                 continue
             return {"ok": False, "kind": "busy", "error": "the device is locked by another deploy",
-                    "owner": owner, "remote_dir": remote_dir}
-        owner = json.loads(args.owner) if args.owner else {}
-        owner.update({"token": args.token, "since": time.time(), "device_pid": os.getpid()})
-        tmp = os.path.join(lock_dir, OWNER_FILE + ".tmp")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(owner, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(lock_dir, OWNER_FILE))
-        except (OSError, IOError) as exc:
-            shutil.rmtree(lock_dir, ignore_errors=True)
-            raise RunnerError("cannot write the lock owner in %s: %s (is the disk full?)"
-                              % (lock_dir, getattr(exc, "strerror", None) or exc), "io")
-        _fsync_dir(remote_dir)
-        return {"ok": True, "mode": "lock", "remote_dir": remote_dir, "broke_stale": broke,
-                "swept": _sweep(remote_dir)}
-    return {"ok": False, "kind": "busy", "error": "the device lock changed hands while breaking a stale one",
-            "owner": _lock_owner(lock_dir), "remote_dir": remote_dir}
+                    "owner": current, "remote_dir": remote_dir}
+        return {"ok": False, "kind": "busy", "error": "the device lock changed hands while breaking a stale one",
+                "owner": _lock_owner(lock_dir), "remote_dir": remote_dir}
+    finally:
+        if tmp_dir:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _holds(lock_dir, token):
-    return _lock_owner(lock_dir).get("token") == token
+    return bool(token) and _lock_owner(lock_dir).get("token") == token
+
+
+def refresh(args):
+    remote_dir = safe_layout(_remote_dir(args.dir), create=False)
+    _guard(remote_dir, args.token)
+    _heartbeat(remote_dir)
+    return {"ok": True, "mode": "refresh"}
+
+
+def _heartbeat(remote_dir):
+    path = os.path.join(remote_dir, LOCK_NAME, HEARTBEAT_FILE)
+    try:
+        with open(path, "a"):
+            pass
+        os.utime(path, None)
+    except (OSError, IOError):
+        pass  # a full disk must not fail the deploy; the holder's ttl still protects the lock
 
 
 def unlock(args):
-    remote_dir = os.path.abspath(os.path.expanduser(args.dir))
+    remote_dir = _remote_dir(args.dir)
     lock_dir = os.path.join(remote_dir, LOCK_NAME)
-    if not os.path.isdir(lock_dir):
+    if os.path.islink(lock_dir) or not os.path.isdir(lock_dir):
         return {"ok": True, "mode": "unlock", "released": False}
     if not _holds(lock_dir, args.token):
         return {"ok": False, "kind": "lock", "error": "the lock is held by another deploy; not releasing it"}
-    shutil.rmtree(lock_dir, ignore_errors=True)
+    aside = "%s.stale-%s" % (lock_dir, _suffix())
+    try:
+        os.rename(lock_dir, aside)  # atomic: the lock is gone at once, the rest is cleanup
+    except OSError as exc:
+        raise RunnerError("cannot release the lock %s: %s" % (lock_dir, exc.strerror or exc), "io")
+    shutil.rmtree(aside, ignore_errors=True)
     _fsync_dir(remote_dir)
     return {"ok": True, "mode": "unlock", "released": not os.path.exists(lock_dir)}
 
@@ -449,7 +640,7 @@ def _link_sha(remote_dir, name):
     except OSError:
         return None
     parts = target.rstrip("/").split("/")
-    return parts[-1] if len(parts) == 2 and parts[0] == "models" else None
+    return parts[-1] if len(parts) == 2 and parts[0] == "models" and _is_sha(parts[-1]) else None
 
 
 def activation_state(remote_dir):
@@ -457,11 +648,20 @@ def activation_state(remote_dir):
     return {"current": _link_sha(remote_dir, "current"), "previous": _link_sha(remote_dir, "previous")}
 
 
-def _switch(remote_dir, name, sha):
-    """Point ``remote_dir/name`` at ``models/sha`` atomically: new link at a temp name, renamed over."""
-    tmp = os.path.join(remote_dir, ".%s.tmp-%s" % (name, base64.b16encode(os.urandom(4)).decode().lower()))
+def _new_link(remote_dir, name, sha):
+    tmp = os.path.join(remote_dir, ".%s.tmp-%s" % (name, _suffix()))
     try:
         os.symlink("models/" + sha, tmp)
+    except OSError as exc:
+        _unlink(tmp)
+        raise RunnerError("cannot create a link to %s: %s" % (sha[:12], exc.strerror or exc), "io")
+    return tmp
+
+
+def _switch(remote_dir, name, sha):
+    """Point ``remote_dir/name`` at ``models/sha`` atomically: new link at a temp name, renamed over."""
+    tmp = _new_link(remote_dir, name, sha)
+    try:
         os.replace(tmp, os.path.join(remote_dir, name))
     except OSError as exc:
         _unlink(tmp)
@@ -469,53 +669,109 @@ def _switch(remote_dir, name, sha):
     _fsync_dir(remote_dir)
 
 
+def _switch_both(remote_dir, current_sha, previous_sha):
+    """Set current and previous together: both new links are made first (the step a full disk fails), so a
+    failure leaves both old links as they were; then two renames, which need no space."""
+    new_cur = _new_link(remote_dir, "current", current_sha)
+    new_prev = None
+    try:
+        if previous_sha:
+            new_prev = _new_link(remote_dir, "previous", previous_sha)
+        os.replace(new_cur, os.path.join(remote_dir, "current"))
+        new_cur = None
+        if new_prev:
+            os.replace(new_prev, os.path.join(remote_dir, "previous"))
+            new_prev = None
+    except OSError as exc:
+        raise RunnerError("cannot switch to %s: %s" % (current_sha[:12], exc.strerror or exc), "io")
+    finally:
+        for tmp in (new_cur, new_prev):
+            if tmp:
+                _unlink(tmp)
+        _fsync_dir(remote_dir)
+
+
 def _is_sha(text):
     return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _guard(remote_dir, token):
-    if not _holds(os.path.join(remote_dir, LOCK_NAME), token):
+    lock_dir = os.path.join(remote_dir, LOCK_NAME)
+    if os.path.islink(lock_dir) or not _holds(lock_dir, token):
         raise RunnerError("this deploy no longer holds the device lock (another deploy broke it as stale)", "lock")
 
 
+def prune(remote_dir, keep, protect):
+    """Delete all but the ``keep`` newest models (and those in ``protect``); never through a symlink."""
+    models = os.path.join(remote_dir, "models")
+    entries = []
+    for name in os.listdir(models):
+        full = os.path.join(models, name)
+        try:
+            st = os.lstat(full)
+        except OSError:
+            continue
+        if _is_sha(name) and stat.S_ISDIR(st.st_mode):
+            entries.append((st.st_mtime, name))
+    entries.sort(reverse=True)
+    kept = set(n for _t, n in entries[:max(0, keep)]) | set(p for p in protect if p)
+    removed = []
+    for _t, name in entries:
+        if name not in kept:
+            aside = os.path.join(models, "%s.tmp-prune-%s" % (name, _suffix()))
+            try:
+                os.rename(os.path.join(models, name), aside)
+            except OSError:
+                continue
+            shutil.rmtree(aside, ignore_errors=True)
+            removed.append(name)
+    return sorted(removed)
+
+
 def activate(args):
-    remote_dir = os.path.abspath(os.path.expanduser(args.dir))
+    remote_dir = safe_layout(_remote_dir(args.dir), create=False)
     if not _is_sha(args.sha):
         raise RunnerError("not a sha256: %r" % args.sha, "usage")
     _guard(remote_dir, args.token)
     model = os.path.join(remote_dir, "models", args.sha, "model.tflite")
-    try:
-        actual = _sha256(model)
-    except (OSError, IOError) as exc:
-        raise RunnerError("cannot read %s: %s" % (model, exc), "io")
+    actual = _file_sha(model)
     if actual != args.sha:
         raise RunnerError("%s does not match its sha256 (got %s); not activating it" % (model, actual), "checksum")
     before = activation_state(remote_dir)
     switched = before["current"] != args.sha
     if switched:
-        if before["current"]:
-            _switch(remote_dir, "previous", before["current"])
-        _switch(remote_dir, "current", args.sha)
+        _switch_both(remote_dir, args.sha, before["current"])
+    try:
+        os.utime(os.path.join(remote_dir, "models", args.sha), None)  # newest, for --keep
+    except OSError:
+        pass
     after = activation_state(remote_dir)
+    pruned = []
+    if args.keep is not None:
+        pruned = prune(remote_dir, args.keep, (after["current"], after["previous"]))
     return {"ok": True, "mode": "activate", "switched": switched, "active": after["current"],
-            "previous": after["previous"], "before": before}
+            "previous": after["previous"], "before": before, "pruned": pruned}
 
 
 def rollback(args):
-    remote_dir = os.path.abspath(os.path.expanduser(args.dir))
+    remote_dir = safe_layout(_remote_dir(args.dir), create=False)
     _guard(remote_dir, args.token)
     before = activation_state(remote_dir)
     prev = before["previous"]
     if not prev:
         raise RunnerError("there is no previous model in %s to roll back to" % remote_dir, "rollback")
-    if not os.path.isfile(os.path.join(remote_dir, "models", prev, "model.tflite")):
-        raise RunnerError("the previous model %s is missing from %s/models" % (prev[:12], remote_dir), "rollback")
-    _switch(remote_dir, "current", prev)
-    if before["current"]:
-        _switch(remote_dir, "previous", before["current"])
+    if _file_sha(os.path.join(remote_dir, "models", prev, "model.tflite")) != prev:
+        raise RunnerError("the previous model %s is missing or corrupt in %s/models" % (prev[:12], remote_dir),
+                          "rollback")
+    _switch_both(remote_dir, prev, before["current"])
     after = activation_state(remote_dir)
     return {"ok": True, "mode": "rollback", "switched": True, "active": after["current"],
             "previous": after["previous"], "before": before}
+
+
+def state(args):
+    remote_dir = _remote_dir(args.dir)
+    return {"ok": True, "mode": "state", "remote_dir": remote_dir, "activation": activation_state(remote_dir)}
 
 
 # ----------------------------------------------------------------------- run
@@ -612,11 +868,7 @@ def run(args):
 
         data_x = data_y = None
         if args.eval:
-            with np.load(args.eval, allow_pickle=False) as data:
-                if "x" not in data.files:
-                    raise RunnerError("eval data %s has no array 'x'" % args.eval, "data")
-                data_x = data["x"]
-                data_y = data["y"] if "y" in data.files else None
+            data_x, data_y = _load_eval(np, args.eval)
             if len(inputs) != 1:
                 raise RunnerError("eval data need a model with one input; this one has %d" % len(inputs), "data")
             want = tuple(int(d) for d in inputs[0]["shape"][1:])
@@ -632,10 +884,7 @@ def run(args):
         for d, value in zip(inputs, feed):
             interp.set_tensor(d["index"], value)
         t0 = time.perf_counter()
-        try:
-            interp.invoke()
-        except Exception as exc:
-            raise RunnerError("first inference failed: %s" % str(exc).strip(), "model")
+        _invoke(interp, "the first inference")
         first_s = time.perf_counter() - t0
     log = cap.text
     xnnpack_active = ("XNNPACK delegate" in log) if log else None
@@ -646,17 +895,25 @@ def run(args):
         start = time.perf_counter()
         n = 0
         while n < args.warmup or (time.perf_counter() - start) < args.min_warmup_seconds:
-            interp.invoke()
+            _invoke(interp, "a warm-up inference")
             n += 1
         warmup_runs = n
         invoke = interp.invoke
         clock = time.perf_counter
+        try:
+            invoke()  # one checked call; the timed loop below stays lean
+        except Exception as exc:
+            raise RunnerError("an inference failed: %s" % _first_line(exc), "model")
         append = samples.append
         start = clock()
         deadline_max = start + args.max_seconds
         while True:
             t0 = clock()
-            invoke()
+            try:
+                invoke()
+            except Exception as exc:
+                raise RunnerError("an inference failed after %d timed runs: %s" % (len(samples), _first_line(exc)),
+                                  "model")
             t1 = clock()
             append(t1 - t0)
             if len(samples) >= args.runs and (t1 - start) >= args.min_seconds:
@@ -687,18 +944,54 @@ def run(args):
     }
 
     if data_x is not None:
-        result["eval"] = _evaluate(np, interp, inputs, outputs, data_x, data_y, args.max_outputs)
+        result["eval"] = _evaluate(np, interp, inputs, outputs, data_x, data_y, args.max_outputs,
+                                   args.max_eval_seconds)
     result["peak_rss_bytes"] = _peak_rss()
     return result
 
 
-def _evaluate(np, interp, inputs, outputs, x, y, max_outputs):
+def _first_line(exc):
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text[:500]
+
+
+def _invoke(interp, what):
+    try:
+        interp.invoke()
+    except Exception as exc:
+        raise RunnerError("%s failed: %s" % (what, _first_line(exc)), "model")
+
+
+def _load_eval(np, path):
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise RunnerError("eval data %s is not an .npz archive" % path, "data")
+            if "x" not in data.files:
+                raise RunnerError("eval data %s has no array 'x'" % path, "data")
+            x = data["x"]
+            y = data["y"] if "y" in data.files else None
+    except RunnerError:
+        raise
+    except Exception as exc:  # a corrupt zip, an object array, a truncated file
+        raise RunnerError("cannot read eval data %s: %s" % (path, _first_line(exc)), "data")
+    if x.ndim < 1 or x.dtype.kind not in "iufb":
+        raise RunnerError("eval x in %s is not a numeric array with samples on the first axis" % path, "data")
+    if y is not None and (y.ndim < 1 or y.dtype.kind not in "iufb"):
+        raise RunnerError("eval y in %s is not a numeric array" % path, "data")
+    return x, y
+
+
+def _evaluate(np, interp, inputs, outputs, x, y, max_outputs, max_seconds=None):
     out0 = outputs[0]
     collected = []
     t0 = time.perf_counter()
     for i in range(len(x)):
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            raise RunnerError("evaluation took longer than its cap of %g s (%d of %d samples done); use fewer "
+                              "eval samples or raise the cap" % (max_seconds, i, len(x)), "eval_timeout")
         interp.set_tensor(inputs[0]["index"], _quantize(np, x[i:i + 1], inputs[0]))
-        interp.invoke()
+        _invoke(interp, "inference on eval sample %d" % i)
         collected.append(_dequantize(np, interp.get_tensor(out0["index"]), out0)[0])
     elapsed = time.perf_counter() - t0
     preds = np.stack(collected) if collected else np.zeros((0,), np.float32)
@@ -714,12 +1007,85 @@ def _evaluate(np, interp, inputs, outputs, x, y, max_outputs):
         else:
             ev["task"] = "regression"
             ev["mae"] = float(np.mean(np.abs(flat - y.reshape(len(y), -1).astype(np.float32))))
-    if len(preds) <= max_outputs:
+    # Bounded output: at most max_outputs values in all (the host keeps only so much of stdout).
+    per = int(np.prod(preds.shape[1:])) if preds.ndim > 1 else 1
+    rows = max(0, max_outputs // max(1, per))
+    if len(preds) <= rows:
         ev["outputs"] = _encode(np, preds)
     else:
-        ev["outputs"] = _encode(np, preds[:max_outputs])
+        ev["outputs"] = _encode(np, preds[:rows])
         ev["outputs_truncated"] = True
     return ev
+
+
+LAYER_DTYPES = ("int8", "uint8", "int16", "int32", "int64", "float16", "float32", "bool")
+
+
+def layers(args):
+    """Every requested intermediate tensor for the first --count eval inputs (raw values, bounded)."""
+    import numpy as np
+
+    name, Interpreter, OpResolverType, version, problems = find_runtime(args.runtime)
+    if name is None:
+        raise RunnerError("no TFLite runtime is importable (%s)" % "; ".join(
+            "%s: %s" % kv for kv in sorted(problems.items())), "no_runtime")
+    kwargs = {"model_path": args.model, "experimental_preserve_all_tensors": True}
+    # Intermediate tensors exist only on the runtime's own kernels (a delegate fuses them away).
+    if OpResolverType is not None:
+        kwargs["experimental_op_resolver_type"] = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    with _CaptureStderr():
+        try:
+            interp = Interpreter(**kwargs)
+            interp.allocate_tensors()
+        except TypeError:
+            raise RunnerError("%s %s cannot keep intermediate tensors" % (name, version), "usage")
+        except Exception as exc:
+            raise RunnerError("the runtime could not load the model: %s" % _first_line(exc), "model")
+    inputs = interp.get_input_details()
+    if len(inputs) != 1:
+        raise RunnerError("the layer diff needs a model with one input; this one has %d" % len(inputs), "data")
+    x, _y = _load_eval(np, args.eval)
+    want = tuple(int(d) for d in inputs[0]["shape"][1:])
+    if tuple(x.shape[1:]) != want:
+        raise RunnerError("eval x has samples of shape %s but the model input is %s"
+                          % (list(x.shape[1:]), list(inputs[0]["shape"])), "data")
+    count = max(0, min(args.count, len(x)))
+    known = set(d["index"] for d in interp.get_tensor_details())
+    if args.tensors:
+        try:
+            wanted = [int(t) for t in args.tensors.split(",") if t.strip()]
+        except ValueError:
+            raise RunnerError("--tensors is not a list of tensor indices", "usage")
+    else:
+        wanted = sorted(known)
+    wanted = [t for t in wanted if t in known]
+    values = dict((t, []) for t in wanted)
+    total = 0
+    for i in range(count):
+        interp.set_tensor(inputs[0]["index"], _quantize(np, x[i:i + 1], inputs[0]))
+        _invoke(interp, "inference on eval sample %d" % i)
+        for t in wanted:
+            try:
+                v = interp.get_tensor(t)
+            except ValueError:
+                continue  # a tensor without data (e.g. an unused optional input)
+            if v.dtype.name not in LAYER_DTYPES:
+                continue
+            total += int(v.size)
+            if total > args.max_values:
+                raise RunnerError("the intermediate tensors of %d inputs hold more than %d values; use fewer "
+                                  "inputs" % (count, args.max_values), "limit")
+            values[t].append(np.array(v, copy=True))
+    tensors = []
+    for t in wanted:
+        if len(values[t]) != count or not count:
+            continue
+        arr = np.stack(values[t])
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+        tensors.append({"index": t, "dtype": arr.dtype.name, "shape": [int(d) for d in arr.shape],
+                        "b64": base64.b64encode(arr.tobytes()).decode("ascii")})
+    return {"ok": True, "mode": "layers", "runner_version": RUNNER_VERSION,
+            "runtime": {"name": name, "version": version, "xnnpack": False}, "samples": count, "tensors": tensors}
 
 
 def _peak_rss():
@@ -734,31 +1100,50 @@ def _peak_rss():
 
 # ---------------------------------------------------------------------- main
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting: a bad argument is one JSON document too."""
+
+    def error(self, message):
+        raise RunnerError("bad arguments: %s" % message, "usage")
+
+    def exit(self, status=0, message=None):
+        raise RunnerError("bad arguments: %s" % (message or "exit"), "usage")
+
+
 def _parser():
-    p = argparse.ArgumentParser(prog="runner.py", description="edgeq on-device runner")
-    sub = p.add_subparsers(dest="mode")
-    pr = sub.add_parser("probe")
+    p = _Parser(prog="runner.py", description="edgeq on-device runner", add_help=False)
+    sub = p.add_subparsers(dest="mode", parser_class=_Parser)
+    pr = sub.add_parser("probe", add_help=False)
     pr.add_argument("--dir")
-    pr.add_argument("--have", action="append")
-    ins = sub.add_parser("install")
+    pr.add_argument("--have", nargs=2, action="append", metavar=("REL", "SHA256"))
+    pr.add_argument("--prepare", action="store_true")
+    ins = sub.add_parser("install", add_help=False)
     ins.add_argument("--item", nargs=3, action="append", metavar=("TMP", "FINAL", "SHA256"))
-    lk = sub.add_parser("lock")
+    lk = sub.add_parser("lock", add_help=False)
     lk.add_argument("--dir", required=True)
     lk.add_argument("--token", required=True)
     lk.add_argument("--owner")
     lk.add_argument("--stale-after", type=float)
     lk.add_argument("--break-token")
-    ul = sub.add_parser("unlock")
+    lk.add_argument("--ttl", type=float)
+    lk.add_argument("--race-hook", help=argparse.SUPPRESS)
+    rf = sub.add_parser("refresh", add_help=False)
+    rf.add_argument("--dir", required=True)
+    rf.add_argument("--token", required=True)
+    st = sub.add_parser("state", add_help=False)
+    st.add_argument("--dir", required=True)
+    ul = sub.add_parser("unlock", add_help=False)
     ul.add_argument("--dir", required=True)
     ul.add_argument("--token", required=True)
-    ac = sub.add_parser("activate")
+    ac = sub.add_parser("activate", add_help=False)
     ac.add_argument("--dir", required=True)
     ac.add_argument("--sha", required=True)
     ac.add_argument("--token", required=True)
-    rb = sub.add_parser("rollback")
+    ac.add_argument("--keep", type=int)
+    rb = sub.add_parser("rollback", add_help=False)
     rb.add_argument("--dir", required=True)
     rb.add_argument("--token", required=True)
-    r = sub.add_parser("run")
+    r = sub.add_parser("run", add_help=False)
     r.add_argument("--model", required=True)
     r.add_argument("--eval")
     r.add_argument("--runs", type=int, default=50)
@@ -772,31 +1157,63 @@ def _parser():
     r.add_argument("--runtime", choices=RUNTIMES)
     r.add_argument("--eval-only", action="store_true")
     r.add_argument("--max-outputs", type=int, default=100000)
+    r.add_argument("--max-eval-seconds", type=float)
+    r.add_argument("--deadline", type=float, help="seconds after which the runner kills itself")
+    r.add_argument("--dir")
+    r.add_argument("--token")
+    ly = sub.add_parser("layers", add_help=False)
+    ly.add_argument("--model", required=True)
+    ly.add_argument("--eval", required=True)
+    ly.add_argument("--count", type=int, default=1)
+    ly.add_argument("--runtime", choices=RUNTIMES)
+    ly.add_argument("--max-values", type=int, default=200000)
+    ly.add_argument("--tensors")
+    ly.add_argument("--deadline", type=float)
     return p
 
 
+def _self_deadline(seconds):
+    """Die by SIGALRM after ``seconds``: a runner whose host gave up (or lost the link) does not run on."""
+    if seconds is None or seconds <= 0 or not hasattr(signal, "setitimer"):
+        return
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
 def main(argv=None):
-    args = _parser().parse_args(argv)
     try:
-        if args.mode == "probe":
-            doc = probe(args)
-        elif args.mode == "install":
-            doc = install(args)
-        elif args.mode in ("lock", "unlock", "activate", "rollback"):
-            doc = {"lock": lock, "unlock": unlock, "activate": activate, "rollback": rollback}[args.mode](args)
-        elif args.mode == "run":
+        args = _parser().parse_args(argv)
+        if getattr(args, "deadline", None):
+            _self_deadline(args.deadline)
+        modes = {"probe": probe, "install": install, "lock": lock, "unlock": unlock, "refresh": refresh,
+                 "activate": activate, "rollback": rollback, "state": state, "run": None, "layers": None}
+        if args.mode in ("run", "layers"):
             if not os.path.isfile(args.model):
                 raise RunnerError("model file %s does not exist on the device" % args.model, "io")
-            doc = run(args)
+            if args.mode == "run" and args.dir and args.token:
+                remote_dir = _remote_dir(args.dir)
+                if _holds(os.path.join(remote_dir, LOCK_NAME), args.token):
+                    _heartbeat(remote_dir)
+            doc = run(args) if args.mode == "run" else layers(args)
+        elif args.mode in modes:
+            doc = modes[args.mode](args)
         else:
-            raise RunnerError("no mode given; use probe, install, lock, unlock, activate, rollback or run", "usage")
+            raise RunnerError("no mode given; use one of %s" % ", ".join(sorted(modes)), "usage")
     except RunnerError as exc:
         doc = {"ok": False, "error": str(exc), "kind": exc.kind}
     except (OSError, IOError) as exc:
         doc = {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc), "kind": "io"}
     except MemoryError:
         doc = {"ok": False, "error": "out of memory", "kind": "memory"}
-    sys.stdout.write(json.dumps(doc))
+    except Exception as exc:  # the promise is one JSON document on every path
+        doc = {"ok": False, "error": "runner error: %s: %s" % (type(exc).__name__, _first_line(exc)),
+               "kind": "internal"}
+    try:
+        text = json.dumps(doc, allow_nan=False)
+    except ValueError:
+        doc = {"ok": False, "error": "the runner measured a non-finite number", "kind": "internal"}
+        text = json.dumps(doc)
+    sys.stdout.write(text)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return 0 if doc.get("ok") else 2

@@ -191,7 +191,7 @@ def _absent(module, dev, sha):
         return {"changed": False, "active": state["current"], "previous": state["previous"], "sha256": sha}
     if module.check_mode:
         return {"changed": True, "active": state["current"], "previous": state["previous"], "sha256": sha}
-    with dev.locked(sha, module.params["lock_stale_s"]):
+    with dev.locked(sha, module.params["lock_stale_s"], 300.0):
         if state["previous"] == sha:
             os.unlink(os.path.join(dev.dir, "previous"))
         for name in os.listdir(folder):
@@ -221,14 +221,17 @@ def _deploy(module, dev, sha):
         raise EdgeqModuleError("the model %s is not on the device and was not sent" % sha[:12], need_upload=True)
 
     result = {"changed": False, "sha256": sha, "reverted": False, "revert_failed": False}
-    with dev.locked(sha, p["lock_stale_s"]):
-        probe = dev.probe()
+    # The lock stays fresh for two runs (measure, gate) plus the steps around them.
+    with dev.locked(sha, p["lock_stale_s"], 2 * p["run_timeout"] + 300):
+        have = [(model_rel, sha)] + ([(eval_rel, eval_sha)] if eval_rel else [])
+        probe = dev.probe(have, prepare=True)
+        present = probe.get("have") if isinstance(probe.get("have"), dict) else {}
         sent = {}
-        if not dev.has(model_rel, sha):
+        if present.get(model_rel) != sha:
             dev.install(p["model_tmp"], model_rel, sha)
             sent["model"] = os.path.getsize(dev.path(model_rel))
             result["changed"] = True
-        if eval_rel and not dev.has(eval_rel, eval_sha):
+        if eval_rel and present.get(eval_rel) != eval_sha:
             if not p["eval_tmp"]:
                 raise EdgeqModuleError("the eval data %s are not on the device and were not sent" % eval_sha[:12],
                                        need_upload=True)

@@ -77,7 +77,7 @@ def main():
         module.exit_json(changed=True, active=before["previous"], previous=before["current"],
                          rolled_back_from=before["current"])
     try:
-        with dev.locked(before["current"], module.params["lock_stale_s"]):
+        with dev.locked(before["current"], module.params["lock_stale_s"], 300.0):
             doc = dev.rollback()
     except EdgeqModuleError as exc:
         module.fail_json(msg=str(exc), active=before["current"], previous=before["previous"],
