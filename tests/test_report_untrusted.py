@@ -193,7 +193,7 @@ def test_fleet_summary_is_written_atomically(tmp_path):
     assert "<h1>edgeq fleet deploy: 0 of 0 hosts ok</h1>" in paths.summary_html.read_text()
 
 
-def test_write_comparison_replaces_a_symlink_and_report_html_uses_it(tmp_path, ledger):
+def test_write_comparison_replaces_a_symlink(tmp_path, ledger):
     one = tmp_path / "a"
     write_report(_doc(), one)
     two = tmp_path / "b"
