@@ -521,9 +521,8 @@ def _fix_equalize(work: _Work, max_drop: float) -> Attempt:
     detail = (f"equalized {len(eq.pairs)} layer pair{'s' if len(eq.pairs) > 1 else ''} "
               f"({', '.join(f'{p.first}->{p.second}' for p in eq.pairs[:4])}); worst imbalance "
               f"{top.imbalance_before:.3g}x -> {top.imbalance_after:.3g}x; still full int8")
-    attempt = _measure(work, "equalize", quantized, detail, t, max_drop,
-                       tuple(dict.fromkeys(x for p in eq.pairs for x in (p.first, p.second))), eq.to_dict())
-    return replace(attempt, extra={**attempt.extra, "_model": eq.model})
+    return _measure(work, "equalize", quantized, detail, t, max_drop,
+                    tuple(dict.fromkeys(x for p in eq.pairs for x in (p.first, p.second))), eq.to_dict())
 
 
 def _scope_regex(work: _Work, layers: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
@@ -705,8 +704,8 @@ def convert_with_budget(
                          "give held-out samples, with labels for accuracy (otherwise top-1 agreement is used)")
     t0 = time.perf_counter()
     if target is not None and not isinstance(target, (str, Path)):
-        target_name = getattr(target, "source", None) or target.name
-        options = replace(options, target=str(target_name))
+        source = str(getattr(target, "source", "") or "")
+        options = replace(options, target=source if source and Path(source).is_file() else target.name)
     elif target is not None:
         options = replace(options, target=str(target))
     recipe, target = conv.resolve_for_target(options)
