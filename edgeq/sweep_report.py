@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from edgeq.escape import Html, html, html_join, tag
+from edgeq.escape import Html, html_join, tag
 
 _W, _H = 520, 360
 _ML, _MR, _MT, _MB = 60, 20, 20, 50
