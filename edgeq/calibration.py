@@ -250,14 +250,67 @@ def _load_npz(path: Path, inputs: Sequence[InputSpec], role: str) -> tuple[list[
         try:
             arrays = [npz[k] for k in chosen]
             labels = npz["y"] if "y" in keys else None
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"{role} data {path}: cannot read arrays ({exc})") from None
+        except MemoryError:
+            raise DataError(f"{role} data {path}: not enough memory to load its arrays", "use a smaller file") from None
     return arrays, labels
 
 
+def _declared_bytes(fp: Any) -> int:
+    """Bytes of data an .npy header (at ``fp``) declares; ``fp`` is left after the header."""
+    from numpy.lib import format as npy_format
+
+    major, _ = npy_format.read_magic(fp)
+    read_header = npy_format.read_array_header_1_0 if major == 1 else npy_format.read_array_header_2_0
+    shape, _, dtype = read_header(fp, max_header_size=10_000)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * dtype.itemsize
+
+
+def _check_sizes(path: Path, role: str) -> None:
+    """Refuse an .npy/.npz whose headers declare more data than the file holds (before numpy allocates it)."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    if not info.filename.endswith(".npy"):
+                        continue
+                    if info.file_size > 256 * 1024 * 1024 and info.file_size > 1000 * max(info.compress_size, 1):
+                        raise DataError(f"{role} data {path}: array {info.filename[:-4]!r} expands from "
+                                        f"{info.compress_size} to {info.file_size} bytes (a zip bomb?)",
+                                        "save it with numpy.savez (uncompressed) or check where it came from")
+                    with z.open(info) as member:
+                        declared = _declared_bytes(member)
+                        holds = info.file_size - member.tell()
+                    if declared > holds:
+                        raise DataError(f"{role} data {path}: array {info.filename[:-4]!r} declares {declared} bytes "
+                                        f"but holds {holds}", "the file is damaged or crafted; save it again")
+        else:
+            with open(path, "rb") as f:
+                declared = _declared_bytes(f)
+                holds = path.stat().st_size - f.tell()
+            if declared > holds:
+                raise DataError(f"{role} data {path}: the array declares {declared} bytes but the file holds {holds}",
+                                "the file is damaged or crafted; save it again")
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, SyntaxError, TypeError) as exc:
+        raise DataError(f"{role} data {path} is not a readable NumPy file ({type(exc).__name__}: {exc})",
+                        "save it with numpy.save / numpy.savez") from None
+
+
 def _read_numpy(path: Path, role: str) -> Any:
+    if path.is_file():
+        _check_sizes(path, role)
     try:
         return np.load(path, allow_pickle=False)
+    except MemoryError:
+        raise DataError(f"{role} data {path}: not enough memory to load it", "use fewer samples") from None
     except FileNotFoundError:
         raise DataError(f"{role} data {path}: no such file", "check the path") from None
     except IsADirectoryError:

@@ -265,3 +265,47 @@ def test_convert_cli_with_a_bomb_in_the_image_folder_is_one_line(tmp_path, digit
     assert len(lines) == 1 and lines[0].startswith("error: calibration data ") and "bomb.png" in lines[0]
     assert not (tmp_path / "out.tflite").exists()
     ledger("bad_input", "edgeq convert --calib with a decompression bomb")
+
+
+def _npy_bytes(shape, payload: bytes = b"\0" * 64) -> bytes:
+    import io
+
+    from numpy.lib import format as npy_format
+
+    b = io.BytesIO()
+    npy_format.write_array_header_1_0(b, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return b.getvalue() + payload
+
+
+@pytest.mark.parametrize("kind", ["npy", "npz"])
+def test_header_declaring_233_tib_is_a_data_error(tmp_path, kind, ledger):
+    """A 200-byte file whose header declares 10^12 samples: refused before numpy allocates 233 TiB."""
+    import zipfile
+
+    data = _npy_bytes((10**12, 8, 8, 1))
+    if kind == "npy":
+        path = tmp_path / "huge.npy"
+        path.write_bytes(data)
+    else:
+        path = tmp_path / "huge.npz"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("x.npy", data)
+    with pytest.raises(DataError, match=r"huge\.np[yz]: .*declares 256000000000000 bytes but .*holds 64"):
+        load_dataset(path, IMAGE)
+    ledger("bad_input", f"calibration .{kind} whose header declares 233 TiB")
+
+
+def test_npz_zip_bomb_is_a_data_error(tmp_path, ledger):
+    import zipfile
+
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        with z.open("x.npy", "w", force_zip64=True) as f:
+            f.write(_npy_bytes((300 * 1024 * 1024 // 256, 8, 8, 1), b""))
+            chunk = b"\0" * (1 << 20)
+            for _ in range(300):
+                f.write(chunk)
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(DataError, match=r"bomb\.npz: array 'x' expands from \d+ to \d+ bytes \(a zip bomb\?\)"):
+        load_dataset(path, IMAGE)
+    ledger("bad_input", "calibration .npz zip bomb (300 MiB of zeros in under 1 MB)")
