@@ -164,10 +164,12 @@ def test_bad_config_values_are_one_line_errors(ssh_server, ssh_opts, tmp_path, l
     ledger("bad_input", f"ssh-config-{line.split()[0].lower()}-{line.split()[1][:8]}")
 
 
-def test_proxy_command_and_proxy_jump_together_are_refused(ssh_opts, tmp_path):
+def test_proxy_command_and_proxy_jump_together_are_refused(ssh_opts, tmp_path, ledger):
     cfg = _config(tmp_path, "Host device\n  ProxyJump a\n  ProxyCommand nc %h %p\n")
-    with pytest.raises(UsageError, match="both ProxyCommand and ProxyJump"):
+    with pytest.raises(UsageError, match="both ProxyCommand and ProxyJump") as exc:
         SSHTransport("device", replace(ssh_opts, ssh_config=str(cfg)))
+    assert "\n" not in str(exc.value)
+    ledger("bad_input", "ssh-config ProxyCommand and ProxyJump together")
 
 
 def test_cli_non_numeric_port_is_one_error_line(tmp_path, monkeypatch, ledger):

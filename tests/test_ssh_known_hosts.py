@@ -65,13 +65,15 @@ def test_revoked_key_wins_over_a_plain_entry(tmp_path, other_key):
     assert check.verdict is kh.Verdict.REVOKED and check.entry.lineno == 2
 
 
-def test_unreadable_file_is_one_error(tmp_path):
+def test_unreadable_file_is_one_error(tmp_path, ledger):
     from edgeq.errors import InputError
 
     d = tmp_path / "dir_not_file"
     d.mkdir()
-    with pytest.raises(InputError, match="cannot read known hosts file"):
+    with pytest.raises(InputError, match="cannot read known hosts file") as exc:
         kh.KnownHosts.load([d])
+    assert "\n" not in str(exc.value)
+    ledger("bad_input", "known_hosts is a directory")
 
 
 # ------------------------------------------------------------------ against a real sshd

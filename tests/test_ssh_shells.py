@@ -79,7 +79,7 @@ def test_run_through_a_non_posix_login_shell(shell_sshd, shell_opts, request, le
         with pytest.raises(RemoteCommandError, match="exit status 3"):
             tr.run(["sh", "-c", "echo boom >&2; exit 3"], 10)
     assert not marker.exists()
-    ledger("bad_input", f"login-shell-{request.node.callspec.params['shell_sshd']}")
+    ledger("fault", f"non-POSIX login shell ({request.node.callspec.params['shell_sshd']})")
 
 
 @pytest.mark.ssh

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgeq.errors import AuthError, ConnectError, HostKeyError, RemoteCommandError, UsageError
-from edgeq.transport import LocalTransport, SSHTransport, fingerprint, parse_host
+from edgeq.transport import LocalTransport, SSHOptions, SSHTransport, fingerprint, parse_host
 from tests.deploy.sshd_helper import free_port, keygen
 
 
@@ -20,9 +20,19 @@ def test_parse_host_forms():
 
 
 @pytest.mark.parametrize("bad", ["pi;reboot", "a b", "-oProxyCommand=x", "pi@", "host:99999", "$(id)@h"])
-def test_parse_host_rejects_what_cannot_be_valid(bad):
-    with pytest.raises(UsageError):
+def test_parse_host_rejects_what_cannot_be_valid(bad, ledger):
+    with pytest.raises(UsageError) as exc:
         parse_host(bad)
+    assert "\n" not in str(exc.value) and "--host" in str(exc.value)
+    ledger("bad_input", f"--host {bad}")
+
+
+@pytest.mark.parametrize("argv", [[], ["echo", "a\0b"]])
+def test_commands_that_cannot_be_sent_are_refused(argv, ledger):
+    with pytest.raises(UsageError) as exc:
+        SSHTransport("pi@127.0.0.1:1", SSHOptions(ssh_config="/nonexistent")).run(argv, 5)
+    assert "\n" not in str(exc.value)
+    ledger("bad_input", "empty command" if not argv else "NUL byte in a command argument")
 
 
 def test_local_run_captures_status_and_output(tmp_path):
