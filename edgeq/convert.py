@@ -745,17 +745,19 @@ def calibrate(float_model: FloatModel, calib: Dataset,
     static recipe quantizes from it without running the samples again.
     """
     t = time.perf_counter()
-    names = _float_input_names(float_model.content)
+    names = _float_input_names(float_model.content)  # in the model's tensor order
     if sorted(names) != sorted(calib.names):
         raise InputError(f"calibration data {calib.source} has inputs {', '.join(calib.names)} but the model "
                          f"takes {', '.join(names)}", "name the arrays after the model's inputs")
     total = len(calib)
 
-    def samples() -> Iterator[dict[str, np.ndarray]]:
+    def samples() -> Iterator[list[np.ndarray]]:
+        # Positional lists in tensor order: with dicts the calibrator builds a deprecated tf.lite.Interpreter.
         for i in range(total):
             if i % 16 == 0 or i == total - 1:
                 report(progress, "calibrate", "samples", i + 1, total)
-            yield calib.sample(i)
+            sample = calib.sample(i)
+            yield [sample[n] for n in names]
 
     with quiet_tensorflow():
         _tf()
@@ -774,10 +776,9 @@ def calibrate(float_model: FloatModel, calib: Dataset,
 
 
 def _float_input_names(content: bytes) -> list[str]:
-    try:
-        return list(_runner(content).get_input_details())
-    except Exception:  # noqa: BLE001 - names are a courtesy check
-        return []
+    """Signature input names, ordered by tensor index (the calibrator's positional order)."""
+    details = _runner(content).get_input_details()
+    return [name for name, _ in sorted(details.items(), key=lambda kv: kv[1]["index"])]
 
 
 # ---------------------------------------------------------------- stage 4: quantize, per recipe
