@@ -8,13 +8,17 @@ with ``--max-drop`` the repair loop (``edgeq.repair.convert_with_budget``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import click
 
 from edgeq.calibration import DEFAULT_SAMPLES, DataOptions, parse_floats
 from edgeq.cli import main
 from edgeq.cli._common import clear_progress, echo, echo_json, progress_printer
+
+if TYPE_CHECKING:  # names only: edgeq.convert (and with it TensorFlow) is imported when the command runs
+    from edgeq.convert import ConvertOptions, ConvertResult
+    from edgeq.progress import ProgressCallback
 
 # Names only: edgeq.convert (and with it TensorFlow) is imported when the command runs.
 _SCHEMES = ("int8", "int16x8")
@@ -117,7 +121,8 @@ def convert(model: str, calib: str, target: Optional[str], samples: int, scheme:
         echo(line)
 
 
-def _convert_and_check(model: str, calib: str, out: str, options, progress):  # type: ignore[no-untyped-def]
+def _convert_and_check(model: str, calib: str, out: str, options: ConvertOptions,
+                       progress: Optional[ProgressCallback]) -> ConvertResult:
     """Convert (the stages), then check what was written against the target, if any."""
     from edgeq.convert import convert as run_convert, resolve_for_target, with_check, write_report
 
@@ -134,9 +139,9 @@ def _convert_and_check(model: str, calib: str, out: str, options, progress):  # 
     return write_report(result)
 
 
-def _convert_with_budget(model: str, calib: str, out: str, options, max_drop: float,  # type: ignore[no-untyped-def]
-                         train_data: Optional[str], keep_best: bool, target: Optional[str], progress,
-                         show: bool, as_json: bool) -> None:
+def _convert_with_budget(model: str, calib: str, out: str, options: ConvertOptions, max_drop: float,
+                         train_data: Optional[str], keep_best: bool, target: Optional[str],
+                         progress: Optional[ProgressCallback], show: bool, as_json: bool) -> None:
     try:
         from edgeq.repair import RepairOptions, convert_with_budget
     except ImportError:
@@ -163,7 +168,7 @@ def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def summary_lines(result) -> list[str]:  # type: ignore[no-untyped-def]
+def summary_lines(result: ConvertResult) -> list[str]:
     """A compact, readable terminal summary of a ``ConvertResult``."""
     r = result
     est = " (est.)" if r.float_bytes_source == "estimated" else ""
