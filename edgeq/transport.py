@@ -679,6 +679,9 @@ class SSHTransport(Transport):
         self._client = None
         self._sftp_client = None
         self._cancelled = False
+        # Commands in flight (their pid markers), so cancel() can kill them on the device.
+        self._running: set[_PidMarker] = set()
+        self._running_lock = threading.Lock()
         #: How many connection attempts the last connect() took (retries included).
         self.connect_attempts = 0
 
@@ -982,10 +985,25 @@ class SSHTransport(Transport):
         return self
 
     def cancel(self) -> None:
+        """Abandon the device from another thread: kill the commands still running there (best effort,
+        on a background thread, a few seconds at most), then close; never reconnect."""
         self._cancelled = True
         for hop in self._jumps:
             hop._cancelled = True
-        self.close()
+        with self._running_lock:
+            pids = [m.pid for m in self._running if m.pid is not None]
+        if not pids or not self._alive():
+            self.close()
+            return
+
+        def kill_then_close() -> None:
+            try:
+                for pid in pids:
+                    self._kill_remote(pid, after_cancel=True)
+            finally:
+                self.close()
+
+        threading.Thread(target=kill_then_close, name=f"edgeq-cancel-{self.host}", daemon=True).start()
 
     def close(self) -> None:
         self._drop_sftp()
@@ -1003,8 +1021,8 @@ class SSHTransport(Transport):
                 pass
         self._jumps = []
 
-    def _transport(self) -> Any:
-        if self._cancelled:
+    def _transport(self, after_cancel: bool = False) -> Any:
+        if self._cancelled and not after_cancel:
             raise ConnectError(f"the deploy to {self.host} was cancelled (no answer within its deadline)",
                                host=self.host)
         if self._client is None:
@@ -1028,7 +1046,8 @@ class SSHTransport(Transport):
         res = self._execute(command, timeout, stdin, kill_on_timeout=True)
         return self._check(res, check)
 
-    def _execute(self, command: str, timeout: float, stdin: Optional[bytes], kill_on_timeout: bool) -> Result:
+    def _execute(self, command: str, timeout: float, stdin: Optional[bytes], kill_on_timeout: bool,
+                 after_cancel: bool = False) -> Result:
         """Run the POSIX ``command`` on the device under ``timeout`` (every step included)."""
         paramiko = self._paramiko
         nonce = secrets.token_hex(8)
@@ -1042,7 +1061,7 @@ class SSHTransport(Transport):
         out = _Capture(self.max_output_bytes, keep_tail=False)
         err = _Capture(self.max_output_bytes, keep_tail=True)
         marker = _PidMarker(nonce, err)
-        tr = self._transport()
+        tr = self._transport(after_cancel)
         wait = left(step)
         try:
             chan = tr.open_session(timeout=wait)
@@ -1068,8 +1087,17 @@ class SSHTransport(Transport):
                     f"{self.host} did not answer the command request within {wait:g} s: {_short(command)}",
                     hint="the device's sshd is overloaded or hung; check it, or raise --connect-timeout",
                     host=self.host, command=command)
-            finished = self._pump(chan, stdin or b"", deadline, out, marker)
+            with self._running_lock:
+                self._running.add(marker)
+            try:
+                finished = self._pump(chan, stdin or b"", deadline, out, marker)
+            finally:
+                with self._running_lock:
+                    self._running.discard(marker)
             marker.flush()
+            if self._cancelled and not after_cancel:
+                raise ConnectError(f"the deploy to {self.host} was cancelled (no answer within its deadline) "
+                                   f"during: {_short(command)}", host=self.host)
             if not finished:
                 killed = self._kill_remote(marker.pid) if kill_on_timeout else "it was not killed"
                 raise self._timed_out(command, timeout, err, killed)
@@ -1147,13 +1175,13 @@ class SSHTransport(Transport):
             if not moved:
                 select.select([chan], [], [], 0.05)
 
-    def _kill_remote(self, pid: Optional[int]) -> str:
+    def _kill_remote(self, pid: Optional[int], after_cancel: bool = False) -> str:
         """Kill the timed-out command's process group on the device; say what happened (for the message)."""
         if pid is None:
             return "it had not reported its process id, so nothing was killed"
         try:
             res = self._execute(_kill_script(pid), min(5.0, self.options.connect_timeout), None,
-                                kill_on_timeout=False)
+                                kill_on_timeout=False, after_cancel=after_cancel)
         except DeviceError as exc:
             return f"its process group {pid} could not be killed ({exc.message})"
         if not res.ok:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 
 import pytest
 
-from edgeq.errors import RemoteCommandError
+from edgeq.errors import ConnectError, RemoteCommandError
 from edgeq.transport import DEFAULT_MAX_OUTPUT, LocalTransport, SSHTransport
 from tests.deploy.sshd_helper import gone_within, ssh_opts, ssh_server  # noqa: F401 - pytest fixtures
 
@@ -100,3 +102,29 @@ def test_ssh_stdin_larger_than_the_window_while_output_flows(ssh_server, ssh_opt
     with SSHTransport(ssh_server.spec, replace(ssh_opts, max_output_bytes=8 << 20)) as tr:
         res = tr.run(["cat"], timeout=60, stdin=data)
     assert res.stdout == data.decode() and not res.stdout_truncated
+
+
+@pytest.mark.ssh
+def test_cancel_kills_the_command_running_on_the_device(ssh_server, ssh_opts, tmp_path, ledger):
+    # A fleet cancels a host that overran its deadline from another thread: what runs there is killed too.
+    tr = SSHTransport(ssh_server.spec, ssh_opts).connect()
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            tr.run(_sleeper(tmp_path), timeout=120)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    deadline = time.monotonic() + 10
+    while not all((tmp_path / n).exists() and (tmp_path / n).read_text() for n in ("parent", "child")):
+        assert time.monotonic() < deadline, "the command did not start"
+        time.sleep(0.05)
+    tr.cancel()
+    th.join(15)
+    assert not th.is_alive(), "run() did not return after cancel()"
+    assert isinstance(outcome.get("error"), ConnectError) and "cancelled" in str(outcome["error"])
+    assert gone_within(_pids(tmp_path), 5), "the cancelled command still runs on the device"
+    ledger("fault", "ssh-cancelled-mid-command")
