@@ -216,6 +216,8 @@ def test_unreachable_budget_exits_6_and_writes_nothing_unless_keep_best(models, 
     assert res.exit_code == ExitCode.OVER_BUDGET == 6, res.output
     assert "no repair brought the accuracy drop within 1 points" in res.output
     assert "best was" in res.output and "over budget" in res.output
+    # The attempts are shown before the error line, not only the verdict.
+    assert "float-fallback" in res.output and "equalize" in res.output, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
     res = _cli(args + ["--keep-best"])

@@ -143,15 +143,25 @@ def _convert_with_budget(model: str, calib: str, out: str, options: ConvertOptio
                          train_data: Optional[str], keep_best: bool, target: Optional[str],
                          progress: Optional[ProgressCallback], show: bool, as_json: bool) -> None:
     try:
-        from edgeq.repair import RepairOptions, convert_with_budget
+        from edgeq.repair import BudgetNotMet, RepairOptions, convert_with_budget
     except ImportError:
         from edgeq.errors import EdgeqError
 
         raise EdgeqError("--max-drop needs edgeq.repair, which this installation lacks",
                          "reinstall edgeq, or convert without --max-drop") from None
-    result = convert_with_budget(model, calib, out, options,
-                                 RepairOptions(max_drop=max_drop, train_data=train_data, keep_best=keep_best),
-                                 target=target, progress=progress)
+    try:
+        result = convert_with_budget(model, calib, out, options,
+                                     RepairOptions(max_drop=max_drop, train_data=train_data, keep_best=keep_best),
+                                     target=target, progress=progress)
+    except BudgetNotMet as exc:
+        # Every attempt is worth seeing before the one-line error says none met the budget.
+        clear_progress(show)
+        if as_json:
+            echo_json(exc.result.to_dict())
+        else:
+            for line in exc.result.summary_lines():
+                echo(line)
+        raise
     clear_progress(show)
     if as_json:
         echo_json(result.to_dict())
