@@ -19,7 +19,7 @@ checked equal first.
     python benchmarks/bench_tflite_read.py [--model M.tflite] [--reps 7]
 
 Without --model it converts ``keras.applications.MobileNetV2(weights=None)`` to a
-float .tflite once (cached in the temp directory; needs TensorFlow).
+float .tflite (or full-int8 with --int8) once, cached in the temp directory (needs TensorFlow).
 """
 
 from __future__ import annotations
@@ -51,15 +51,23 @@ from edgeq.tflite_file import (  # noqa: E402
 )
 
 
-def mobilenet_tflite() -> Path:
-    path = Path(tempfile.gettempdir()) / "edgeq-bench" / "mobilenetv2_f32.tflite"
+def mobilenet_tflite(int8: bool = False) -> Path:
+    path = Path(tempfile.gettempdir()) / "edgeq-bench" / f"mobilenetv2_{'int8' if int8 else 'f32'}.tflite"
     if path.exists():
         return path
+    import numpy as np
     import tensorflow as tf
 
+    tf.keras.utils.set_random_seed(0)
     model = tf.keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if int8:  # per-channel int8: one scale per output channel, the reader's heaviest case
+        rng = np.random.default_rng(0)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = lambda: ([rng.random((1, 224, 224, 3), dtype=np.float32)] for _ in range(8))
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    path.write_bytes(conv.convert())
     return path
 
 
@@ -157,10 +165,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a .tflite (default: MobileNetV2 float, converted once)")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--int8", action="store_true", help="without --model: MobileNetV2 full-int8 (per-channel)")
     ap.add_argument("--no-objects", action="store_true", help="skip the (slow) object API")
     args = ap.parse_args()
 
-    path = args.model or mobilenet_tflite()
+    path = args.model or mobilenet_tflite(args.int8)
     data = path.read_bytes()
     a, b = parse_tflite(data, str(path)), parse_with_schema(data, str(path))
     assert a == b, "the readers disagree"

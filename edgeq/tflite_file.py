@@ -361,21 +361,21 @@ def _parse_model(r: _Reader, data: bytes, where: str) -> TfliteModel:
             q = r.indirect(t, 4)
             quant = None
             if q is not None:
-                scale = tuple(float(s) for s in r.scalars(q, 2, "f"))
+                scale = r.scalars(q, 2, "f")  # struct gives floats/ints already
                 if scale:
                     quant = Quantization(
                         scale=scale,
-                        zero_point=tuple(int(z) for z in r.scalars(q, 3, "q")),
+                        zero_point=r.scalars(q, 3, "q"),
                         quantized_dimension=r.scalar(q, 6, "<i"),
                     )
-            shape = tuple(int(d) for d in r.scalars(t, 0, "i"))
+            shape = r.scalars(t, 0, "i")
             tensors.append(
                 Tensor(
                     index=i,
                     name=r.string(t, 3) or f"tensor_{i}",
                     dtype=dtype,
                     shape=shape,
-                    shape_signature=tuple(int(d) for d in r.scalars(t, 7, "i")) or shape,
+                    shape_signature=r.scalars(t, 7, "i") or shape,
                     buffer=buf_index,
                     has_data=0 < buf_index < len(buffer_sizes) and buffer_sizes[buf_index] > 0,
                     quantization=quant,
@@ -394,8 +394,8 @@ def _parse_model(r: _Reader, data: bytes, where: str) -> TfliteModel:
                     op=name,
                     custom_code=custom,
                     version=ver,
-                    inputs=tuple(int(x) for x in r.scalars(o, 1, "i")),
-                    outputs=tuple(int(x) for x in r.scalars(o, 2, "i")),
+                    inputs=r.scalars(o, 1, "i"),
+                    outputs=r.scalars(o, 2, "i"),
                 )
             )
         n = len(tensors)
@@ -403,8 +403,8 @@ def _parse_model(r: _Reader, data: bytes, where: str) -> TfliteModel:
             for ti in op.inputs + op.outputs:
                 if ti >= n:
                     raise r._bad(f"operator {op.index} ({op.op}) uses tensor {ti} of {n}")
-        sg_inputs = tuple(int(x) for x in r.scalars(sg, 1, "i"))
-        sg_outputs = tuple(int(x) for x in r.scalars(sg, 2, "i"))
+        sg_inputs = r.scalars(sg, 1, "i")
+        sg_outputs = r.scalars(sg, 2, "i")
         for ti in sg_inputs + sg_outputs:
             if not 0 <= ti < n:
                 raise r._bad(f"subgraph input/output tensor {ti} of {n}")
