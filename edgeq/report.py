@@ -69,7 +69,11 @@ def _num(value: Any) -> Optional[float]:
     """A finite real number, or None (bools, strings, NaN and infinities are not numbers here)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range (JSON allows 400-digit integers)
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _text(value: Any, limit: int = 200) -> str:
@@ -116,7 +120,7 @@ def _type_ok(value: Any, kind: str) -> bool:
         return isinstance(value, bool)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    if isinstance(value, float) and not math.isfinite(value):
+    if _num(value) is None:  # NaN, infinities, integers beyond float range
         return False
     return kind == _NUM or isinstance(value, int)
 

@@ -257,6 +257,8 @@ RAW_DOCS = {
     "Infinity latency": lambda t: t.replace('"p99": 2.2', '"p99": Infinity'),
     "overflowing number 1e999": lambda t: t.replace('"p90": 1.6', '"p90": 1e999'),
     "truncated JSON": lambda t: t[: len(t) // 2],
+    "400-digit integer latency": lambda t: t.replace('"p50": 1.3', '"p50": 1' + "0" * 400),
+    "5000-digit integer count": lambda t: t.replace('"count": 5', '"count": 1' + "0" * 5000),
     "top-level list": lambda t: "[" + t + "]",
     "deeply nested": lambda t: t[:-2] + ', "x": ' + "[" * 200_000 + "]" * 200_000 + "}",
     "nested 40 levels": lambda t: t[:-2] + ', "x": ' + "[" * 40 + "]" * 40 + "}",
@@ -290,3 +292,32 @@ def test_valid_report_round_trips_through_the_cli(tmp_path):
     d = write_report(_doc(), tmp_path / "r").directory
     res = CliRunner().invoke(main, ["report", str(d)])
     assert res.exit_code == 0 and "p50 1.300 ms" in res.output and "accuracy 97.00 %" in res.output
+
+
+ODD_VALUES = [None, True, [], {}, -1, 10**30, 10**400, float("nan"), float("inf"), -float("inf"), "x", [1, "a", None],
+              {"p50": "x"}]
+
+
+def test_renderers_never_raise_on_odd_values_and_check_report_says_why(ledger):
+    """Every field of a report replaced by every odd JSON-ish value: rendering never raises, and check_report
+    either accepts the document or names the field (what `edgeq report` shows as its one line)."""
+    from edgeq.report import check_report
+
+    base = _doc()
+    paths = list(_leaves(base)) + [("device",), ("latency_ms",), ("agreement",), ("model",), ("warnings",)]
+    refused = 0
+    for path in paths:
+        for value in ODD_VALUES:
+            doc = _with(base, path, value)
+            render_html(doc)
+            render_markdown(doc)
+            summary_lines(doc)
+            fleet_rows({"hosts": [doc]})
+            try:
+                check_report(doc)
+            except InputError as exc:
+                refused += 1
+                field = ".".join(str(p) for p in path if not isinstance(p, int))
+                assert field.split(".")[0] in str(exc), (path, str(exc))
+    assert refused > len(paths) * 3
+    ledger("bad_input", "odd values (NaN, Infinity, huge ints, lists, objects) in every report field")
