@@ -200,6 +200,10 @@ def parse_floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]
         raise UsageError(f"{option} takes numbers separated by commas, got '{text}'") from None
     if not values:
         raise UsageError(f"{option} takes numbers separated by commas, got '{text}'")
+    if not all(np.isfinite(values)):
+        raise UsageError(f"{option} takes finite numbers, got '{text}'", "nan and inf cannot normalise data")
+    if option == "--std" and 0.0 in values:
+        raise UsageError("--std cannot be 0 (it divides the data)", "use 1 to leave a channel's scale alone")
     return values
 
 

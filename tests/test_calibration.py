@@ -309,3 +309,11 @@ def test_npz_zip_bomb_is_a_data_error(tmp_path, ledger):
     with pytest.raises(DataError, match=r"bomb\.npz: array 'x' expands from \d+ to \d+ bytes \(a zip bomb\?\)"):
         load_dataset(path, IMAGE)
     ledger("bad_input", "calibration .npz zip bomb (300 MiB of zeros in under 1 MB)")
+
+
+@pytest.mark.parametrize("option, text", [("--mean", "nan"), ("--std", "1,inf,1"), ("--mean", "1e999"),
+                                          ("--std", "0.5,0,0.5")])
+def test_mean_and_std_must_be_finite_and_std_nonzero(option, text, ledger):
+    with pytest.raises(UsageError, match=rf"{option} (takes finite numbers|cannot be 0)"):
+        parse_floats(text, option)
+    ledger("bad_input", f"calibration {option} {text}")
