@@ -339,10 +339,12 @@ class _Reference:
         self.done = threading.Event()
         self.value: Optional[dict[str, Any]] = None
         self.error: Optional[DeviceError] = None
+        self.created = time.monotonic()
 
 
 _REFERENCES: dict[tuple[str, str], _Reference] = {}
 _REFERENCES_LOCK = threading.Lock()
+_FAILURE_TTL_S = 300.0
 
 
 def _cached_reference(model: Path, model_sha: str, eval_path: Path, eval_sha: str, timeout: float) -> dict[str, Any]:
@@ -355,6 +357,10 @@ def _cached_reference(model: Path, model_sha: str, eval_path: Path, eval_sha: st
     key = (model_sha, eval_sha)
     with _REFERENCES_LOCK:
         entry = _REFERENCES.get(key)
+        # A failure is shared by the deploys running now (one fleet), not by every later deploy of this process.
+        if entry is not None and entry.done.is_set() and entry.error is not None \
+                and time.monotonic() - entry.created > _FAILURE_TTL_S:
+            entry = None
         owner = entry is None
         if owner:
             entry = _REFERENCES[key] = _Reference()
@@ -371,9 +377,8 @@ def _cached_reference(model: Path, model_sha: str, eval_path: Path, eval_sha: st
             entry.done.set()
     elif not entry.done.wait(timeout):
         raise DeviceError(f"the host reference for {model.name} took longer than {timeout:g} s")
-    if entry.error is not None:
-        raise entry.error
-    assert entry.value is not None  # set whenever error is None (invariant, not validation)
+    if entry.error is not None or entry.value is None:
+        raise entry.error or DeviceError(f"the host reference for {model.name} gave no result")
     return entry.value
 
 
