@@ -664,7 +664,18 @@ def rollback(options: DeployOptions = DeployOptions(), progress: Optional[Progre
         with dev.locked(options.remote_dir, options.probe_timeout, options.lock_stale_s,
                         options.probe_timeout * 3, options.cleanup_timeout) as lock:
             report(progress, "rollback", f"rolling back on {host}", host=host)
-            doc = dev.rollback(lock, options.probe_timeout)
+            try:
+                doc = dev.rollback(lock, options.probe_timeout)
+            except ConnectError:
+                raise
+            except DeviceError as exc:
+                try:
+                    now = dev.state(lock.remote_dir, min(options.probe_timeout, 30.0))
+                    where = (f"the device now reports current = {str(now.get('current') or 'none')[:12]}, "
+                             f"previous = {str(now.get('previous') or 'none')[:12]}")
+                except DeviceError as exc2:
+                    where = f"the active model could not be read back ({exc2.message})"
+                raise DeviceError(f"{exc.message}; {where}", hint=exc.hint, host=host) from None
     return RollbackResult(host, lock.remote_dir, doc.get("active"), doc.get("previous"),
                           (doc.get("before") or {}).get("current"))
 

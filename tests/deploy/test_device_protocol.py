@@ -236,3 +236,18 @@ def test_an_invoke_failure_is_one_json_document(ok_calls, tmp_path, model_a, mon
     doc = json.loads(lines[0])
     assert doc["ok"] is False and doc["kind"] == "model" and "failed to invoke" in doc["error"]
     ledger("fault", f"invoke() fails after {ok_calls} calls")
+
+
+def test_a_rollback_whose_answer_is_lost_reports_what_is_active(tmp_path, device_python, model_a, model_b, ledger):
+    from edgeq.deploy import rollback
+
+    remote = tmp_path / "device"
+    opts = DeployOptions(python=device_python, remote_dir=str(remote), **FAST)
+    deploy(model_a, opts)
+    deploy(model_b, opts)
+    fake = fake_python(tmp_path, device_python, "rollback", "Killed", after="run-real")
+    with pytest.raises(DeviceError) as exc:
+        rollback(replace(opts, python=fake))
+    assert active(remote) == sha(model_a)  # it did roll back...
+    assert f"current = {sha(model_a)[:12]}" in str(exc.value)  # ...and the error says so
+    ledger("fault", "rollback switched but the answer was lost")
