@@ -65,9 +65,9 @@ def deploy_result(doc: dict[str, Any], name: str) -> DeployResult:
     lat = _dict(doc.get("latency_ms"))
     samples = lat.get("samples") if isinstance(lat.get("samples"), list) else []
     samples = [v for v in (_num(s) for s in samples[:1_000_000]) if v is not None]
-    stats = LatencyStats.from_samples(samples) if samples else LatencyStats(
-        *(_num(lat.get(k)) or 0.0 for k in ("min", "p50", "p90", "p99", "mean", "std", "max")),
-        int(_num(lat.get("count")) or 0), ())
+    # The module computes the statistics on the device from every run and keeps a subsample of the runs.
+    stats = LatencyStats(*(_num(lat.get(k)) or 0.0 for k in ("min", "p50", "p90", "p99", "mean", "std", "max")),
+                         int(_num(lat.get("count")) or len(samples)), tuple(samples))
     rss = doc.get("peak_rss_bytes")
     return DeployResult(
         host=name,

@@ -27,7 +27,7 @@ import math
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -39,7 +39,7 @@ from edgeq.errors import ConnectError, DeviceError, UsageError
 from edgeq.fleet import run_fleet
 from edgeq.fleet_deploy import FleetHost, FleetOptions, FleetTarget, deploy_fleet, plan_fleet
 from edgeq.inventory import InventoryHost
-from edgeq.progress import ProgressCallback, report
+from edgeq.progress import ProgressCallback, ProgressEvent, report
 from edgeq.transport import Transport, make_transport
 
 FAILED_STATUSES = ("failed", "timeout", "reverted", "gate_failed", "revert_failed")
@@ -413,6 +413,17 @@ def _gate_batch(deployed: Sequence[tuple[FleetTarget, DeployResult]], options: R
 # ------------------------------------------------------------------ rollout
 
 
+def _deploy_stage(progress: Optional[ProgressCallback]) -> Optional[ProgressCallback]:
+    """A deployed host is not done until its gate ran: its "done" becomes "deployed"."""
+    if progress is None:
+        return None
+
+    def relay(ev: ProgressEvent) -> None:
+        progress(replace(ev, stage="deployed") if ev.stage == "done" else ev)
+
+    return relay
+
+
 def rollout(model_path: str | Path, hosts: Sequence[InventoryHost], options: RolloutOptions = RolloutOptions(),
             progress: Optional[ProgressCallback] = None) -> RolloutResult:
     """Deploy ``model_path`` batch by batch, gate every host, revert the ones that fail, stop when too many fail."""
@@ -438,7 +449,7 @@ def rollout(model_path: str | Path, hosts: Sequence[InventoryHost], options: Rol
         t0 = time.monotonic()
         for n in names:
             report(progress, "batch", f"{kind} {index} of {len(batches)}", host=n)
-        fleet = deploy_fleet(model, [by_name[n] for n in names], options.fleet, progress)
+        fleet = deploy_fleet(model, [by_name[n] for n in names], options.fleet, _deploy_stage(progress))
         deployed = [(targets[h.name], h.result) for h in fleet.hosts if h.ok]
         gates = _gate_batch(deployed, options, progress) if deployed else {}
         for h in fleet.hosts:
