@@ -1050,7 +1050,14 @@ def layers(args):
         raise RunnerError("eval x has samples of shape %s but the model input is %s"
                           % (list(x.shape[1:]), list(inputs[0]["shape"])), "data")
     count = max(0, min(args.count, len(x)))
-    known = set(d["index"] for d in interp.get_tensor_details())
+    details = dict((d["index"], d) for d in interp.get_tensor_details())
+    known = set(details)
+    ops = []
+    get_ops = getattr(interp, "_get_ops_details", None)
+    if get_ops is not None:
+        for op in get_ops()[:100000]:
+            ops.append({"index": int(op["index"]), "op": str(op["op_name"])[:64],
+                        "outputs": [int(t) for t in op["outputs"] if int(t) >= 0][:64]})
     if args.tensors:
         try:
             wanted = [int(t) for t in args.tensors.split(",") if t.strip()]
@@ -1071,10 +1078,10 @@ def layers(args):
                 continue  # a tensor without data (e.g. an unused optional input)
             if v.dtype.name not in LAYER_DTYPES:
                 continue
-            total += int(v.size)
-            if total > args.max_values:
-                raise RunnerError("the intermediate tensors of %d inputs hold more than %d values; use fewer "
-                                  "inputs" % (count, args.max_values), "limit")
+            total += int(v.nbytes)
+            if total > args.max_bytes:
+                raise RunnerError("the intermediate tensors of %d inputs hold more than %d bytes; use fewer "
+                                  "inputs" % (count, args.max_bytes), "limit")
             values[t].append(np.array(v, copy=True))
     tensors = []
     for t in wanted:
@@ -1082,10 +1089,15 @@ def layers(args):
             continue
         arr = np.stack(values[t])
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-        tensors.append({"index": t, "dtype": arr.dtype.name, "shape": [int(d) for d in arr.shape],
+        d = details[t]
+        q = d.get("quantization") or (0.0, 0)
+        tensors.append({"index": t, "name": str(d.get("name") or "")[:1024], "dtype": arr.dtype.name,
+                        "shape": [int(n) for n in arr.shape],
+                        "quantization": [float(q[0]), int(q[1])],
                         "b64": base64.b64encode(arr.tobytes()).decode("ascii")})
     return {"ok": True, "mode": "layers", "runner_version": RUNNER_VERSION,
-            "runtime": {"name": name, "version": version, "xnnpack": False}, "samples": count, "tensors": tensors}
+            "runtime": {"name": name, "version": version, "xnnpack": False}, "samples": count, "tensors": tensors,
+            "ops": ops}
 
 
 def _peak_rss():
@@ -1166,7 +1178,7 @@ def _parser():
     ly.add_argument("--eval", required=True)
     ly.add_argument("--count", type=int, default=1)
     ly.add_argument("--runtime", choices=RUNTIMES)
-    ly.add_argument("--max-values", type=int, default=200000)
+    ly.add_argument("--max-bytes", type=int, default=512 * 1024)
     ly.add_argument("--tensors")
     ly.add_argument("--deadline", type=float)
     return p
