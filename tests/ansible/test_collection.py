@@ -101,6 +101,22 @@ def test_playbook_canary_fails_gate_reverts_and_play_stops(fleet, tmp_path, devi
     assert "0 of 3 hosts ok" in cli.output and "1 reverted" in cli.output and "2 not started" in cli.output
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["counts"] == summary["counts"]
 
+    # edgeq.fleet.rollback: pi0 kept model_a as its previous model; pi1 never had another one.
+    book = tmp_path / "rollback.yml"
+    book.write_text(json.dumps([{"hosts": "pi0:pi1", "gather_facts": False, "tasks": [
+        {"name": "check", "edgeq.fleet.rollback": {"remote_dir": "{{ edgeq_remote_dir }}"}, "check_mode": True,
+         "ignore_errors": True},
+        {"name": "roll back", "edgeq.fleet.rollback": {"remote_dir": "{{ edgeq_remote_dir }}"},
+         "ignore_errors": True, "register": "rb"},
+        {"name": "facts", "edgeq.fleet.facts": {"remote_dir": "{{ edgeq_remote_dir }}"}},
+        {"name": "show", "ansible.builtin.debug": {"msg": "ACTIVE={{ ansible_facts.edgeq.active }}"}}]}]))
+    back = run_playbook(collections, tmp_path, inv, str(book))
+    assert back.returncode == 0, back.output
+    assert "there is no previous model" in back.output and "Traceback" not in back.output
+    assert active(tmp_path / "dev0") == sha(model_a) and active(tmp_path / "dev1") == sha(model_b)
+    assert f"ACTIVE={sha(model_a)}" in back.output and f"ACTIVE={sha(model_b)}" in back.output
+    assert back.recap()["pi1"]["ignored"] == 2 and back.recap()["pi0"]["changed"] == 2  # check mode, then real
+
 
 BAD = [
     ({"state": "bogus"}, "value of state must be one of: present, active, absent, got: bogus"),
