@@ -28,6 +28,14 @@ DONOR=$("$PY" -c 'import os, pip; print(os.path.dirname(os.path.dirname(pip.__fi
 sed "s#@DONOR_PIP@#$DONOR#" "$ROOT/scripts/ansible-test-get-pip.py" \
     > "$WORK/.ansible/test/cache/get_pip_$(echo "$PIP_VERSION" | tr . _).py"
 
+# Devices run the modules with their own Python: compile them with every interpreter named in
+# EDGEQ_SANITY_PYTHONS too (e.g. "/opt/py38/bin/python3.8 /opt/py313/bin/python3.13").
+for interp in ${EDGEQ_SANITY_PYTHONS:-}; do
+    ver=$("$interp" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    (cd "$TREE/ansible_collections/edgeq/fleet" && HOME=$WORK "$ANSIBLE_TEST" sanity --test compile --python "$ver" \
+        --python-interpreter "$interp" --color no)
+done
+
 [ $# -gt 0 ] || set -- --test compile --test validate-modules --test pep8 --test yamllint --test runtime-metadata \
     --test ansible-doc
 cd "$TREE/ansible_collections/edgeq/fleet"
