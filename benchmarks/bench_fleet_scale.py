@@ -235,8 +235,8 @@ def main() -> int:
         cpu_host = max(0.0, (many["cpu_s"] - one["cpu_s"]) / (k - 1))
         mem_host = max(0.0, (many["peak_pss_bytes"] - one["peak_pss_bytes"]) / (k - 1))
         wall_host = many["wall_s"]  # with forks = hosts, every host runs at once: a host's wall time
-        rows[name] = {"fixed_cpu_s": one["cpu_s"], "cpu_s_per_host": cpu_host, "fixed_peak_bytes": one["peak_pss_bytes"],
-                      "peak_bytes_per_concurrent_host": mem_host, f"cpu_s_{k}_hosts": many["cpu_s"],
+        rows[name] = {"fixed_cpu_s": one["cpu_s"], "cpu_s_per_host": cpu_host,
+                      "fixed_peak_bytes": one["peak_pss_bytes"], "peak_bytes_per_concurrent_host": mem_host, f"cpu_s_{k}_hosts": many["cpu_s"],
                       f"peak_bytes_{k}_hosts": many["peak_pss_bytes"], f"wall_s_{k}_hosts": wall_host,
                       "runs": {str(c): runs for c, runs in by_count.items()}}
     mib = 1 << 20
