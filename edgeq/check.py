@@ -145,6 +145,12 @@ class CheckResult:
             lines.append(f"  RAM: not measured; budget {_fmt_bytes(m['ram_budget_bytes'])}")
         lines.append(f"  compute: {_fmt_count(self.macs['total'])} MACs"
                      + (f" + {_fmt_count(self.macs['elementwise'])} element ops" if self.macs["elementwise"] else ""))
+        a = self.acceleration
+        if a and a.get("backend") != "reference":
+            kernels = _KERNEL_NAMES.get(a["backend"], a["backend"])
+            lines.append(f"  fast kernels: {a['macs_share_pct']:g}% of the MACs on {kernels}"
+                         f" ({'accelerated' if a['accelerated'] else 'NOT accelerated'}; "
+                         f"{'measured' if a['measured'] else 'from the kernel table'})")
         if self.estimate.get("latency_ms") is not None:
             lines.append(f"  latency estimate: ~{self.estimate['latency_ms']:.3g} ms "
                          f"({self.estimate['basis']}; not a measurement)")

@@ -192,6 +192,7 @@ def test_int16_activations_on_a_pi_are_not_accelerated(digits_int16x8_tflite):
     assert {"CONV_2D", "FULLY_CONNECTED"} <= {e["op"] for e in a["off_fast_path"]}
     (w,) = [w for w in r.warnings if w.code == "not-accelerated"]
     assert "not accelerated" in w.message and "XNNPACK" in w.message
+    assert "  fast kernels: 0% of the MACs on XNNPACK (NOT accelerated; measured)" in r.summary_lines()
 
 
 def test_mcu_acceleration_comes_from_the_kernel_table(digits_int8_tflite, digits_int16x8_tflite,
