@@ -60,6 +60,8 @@ demo: demo-model
 	$(BIN)/edgeq check $(OUT)/digits_int8.tflite --target cortex-m4
 	$(BIN)/edgeq deploy $(OUT)/digits_int8.tflite --eval $(DEMO)/eval.npz \
 		--remote-dir $(CURDIR)/.cache/local-device -o reports/demo
+	$(BIN)/edgeq sweep $(DEMO)/model.keras --calib $(DEMO)/calib.npy --eval $(DEMO)/eval.npz \
+		--target rpi4 --local --remote-dir $(CURDIR)/.cache/local-device -o reports/demo-sweep
 
 # An emulated Raspberry Pi 4 (arm64 Debian bookworm under qemu-user, own sshd and netns). Needs root;
 # the first start builds and caches the userland (about 4 minutes).
@@ -79,6 +81,8 @@ bench: venv device-venv
 	$(BIN)/python benchmarks/bench_convert.py
 	$(BIN)/python benchmarks/bench_runner.py
 	$(BIN)/python benchmarks/bench_fleet.py
+	$(BIN)/python benchmarks/bench_sweep.py
+	$(BIN)/python benchmarks/bench_tflite_read.py
 
 clean:
 	rm -rf $(OUT) reports $(DEMO)/model.keras $(DEMO)/calib.npy $(DEMO)/eval.npz

@@ -41,7 +41,7 @@ def test_convert_help_lists_the_options():
     r = CliRunner().invoke(main, ["convert", "--help"])
     assert r.exit_code == 0
     for opt in ("--calib", "--target", "--samples", "--input-type", "--output-type", "--scheme", "--eval",
-                "--mean", "--std", "--scale", "--report", "--json", "--seed", "--recipe", "--recipes",
+                "--mean", "--std", "--scale", "--report", "--json", "--seed", "--recipe", "--recipe-file",
                 "--unsafe-load", "--max-drop", "--train", "--keep-best"):
         assert opt in r.output
 
@@ -209,7 +209,7 @@ def test_bad_recipe_file_names_file_and_key(tmp_path, fake_keras, ledger):
     bad = tmp_path / "mine.toml"
     bad.write_text('[[recipe]]\nname = "x8"\nweights_bits = 8\nactivations = "int8"\ngranularity = "per-channel"\n'
                    'quantizer = "tflite-converter"\nexecutable = true\nspeed = "fast"\n')
-    r = _run(str(fake_keras), "--calib", "c.npy", "--recipes", str(bad), "--recipe", "x8",
+    r = _run(str(fake_keras), "--calib", "c.npy", "--recipe-file", str(bad), "--recipe", "x8",
              "-o", str(tmp_path / "o.tflite"))
     assert r.exit_code == 1
     assert r.output.strip() == f"error: {bad}:x8.speed: unknown key; known keys: " + ", ".join(sorted(

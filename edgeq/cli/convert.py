@@ -58,7 +58,7 @@ def default_output(model: str, scheme: str) -> Path:
 @click.option("--recipe", metavar="NAME",
               help="Quantization recipe (e.g. int8, int8-per-tensor, int16x8, fp16, dynamic-int8, int4-dynamic); "
                    "see targets/_recipes.toml [default: int8, or --scheme].")
-@click.option("--recipes", "recipes_file", metavar="FILE", type=click.Path(path_type=str),
+@click.option("--recipe-file", "recipes_file", metavar="FILE", type=click.Path(path_type=str),
               help="Your own recipe table (TOML) instead of the shipped one.")
 @click.option("--unsafe-load", is_flag=True,
               help="Let the model file run the Python code it carries (Lambda layers). Only for files you trust.")
