@@ -90,6 +90,7 @@ def deploy_result(doc: dict[str, Any], name: str) -> DeployResult:
                        if isinstance(doc.get("warnings"), list)),
         edgeq_version=_text(doc.get("edgeq_version"), 64) or "?",
         activation=doc.get("activation") if isinstance(doc.get("activation"), dict) else None,
+        layer_diff=doc.get("layer_diff") if isinstance(doc.get("layer_diff"), dict) else None,
     )
 
 

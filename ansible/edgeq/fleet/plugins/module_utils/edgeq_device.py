@@ -356,6 +356,7 @@ def build_report(probe, run_doc, params, device, model, eval_info, sent, activat
                      "connect_attempts": None, "stale_temp_files_removed": 0},
         "activation": activation,
         "warnings": list(warnings),
+        "layer_diff": None,  # edgeq deploy --layer-diff only: it needs the host's reference run
     }
 
 
