@@ -251,3 +251,18 @@ def test_a_rollback_whose_answer_is_lost_reports_what_is_active(tmp_path, device
     assert active(remote) == sha(model_a)  # it did roll back...
     assert f"current = {sha(model_a)[:12]}" in str(exc.value)  # ...and the error says so
     ledger("fault", "rollback switched but the answer was lost")
+
+
+def test_a_device_flooding_stdout_is_one_line_and_activates_nothing(tmp_path, device_python, model_a, model_b,
+                                                                   real_run_doc, ledger):
+    remote = tmp_path / "device"
+    opts = DeployOptions(python=device_python, remote_dir=str(remote), **FAST)
+    deploy(model_a, opts)
+    flood = "x" * (5 << 20) + "\n" + json.dumps(real_run_doc)  # 5 MiB of noise, then a valid document
+    fake = fake_python(tmp_path, device_python, "run", flood)
+    with pytest.raises(DeviceProtocolError, match="more output than edgeq keeps") as exc:
+        deploy(model_b, replace(opts, python=fake))
+    assert len(str(exc.value)) < 1000
+    assert active(remote) == sha(model_a)
+    ledger("bad_input", "5 MiB on the runner's stdout")
+    ledger("model_kept", "5 MiB on the runner's stdout")
