@@ -320,10 +320,10 @@ def _pump_local(proc: subprocess.Popen, stdin: bytes, deadline: float, out: _Cap
                 if f is proc.stdin:
                     try:
                         pos += os.write(f.fileno(), view[pos:pos + _CHUNK])  # type: ignore[union-attr]
-                    except (BrokenPipeError, BlockingIOError, OSError) as exc:
-                        if isinstance(exc, BlockingIOError):
-                            continue
-                        pos = len(view)  # the command does not read its input
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        pos = len(view)  # the command ended without reading all its input
                     if pos >= len(view):
                         sel.unregister(f)
                         f.close()  # type: ignore[union-attr]
