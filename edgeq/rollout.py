@@ -427,18 +427,15 @@ def _deploy_stage(progress: Optional[ProgressCallback]) -> Optional[ProgressCall
 def rollout(model_path: str | Path, hosts: Sequence[InventoryHost], options: RolloutOptions = RolloutOptions(),
             progress: Optional[ProgressCallback] = None) -> RolloutResult:
     """Deploy ``model_path`` batch by batch, gate every host, revert the ones that fail, stop when too many fail."""
-    from edgeq.deploy import _check_model, _sha256_file
-
     started = time.monotonic()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     model = Path(model_path)
-    _check_model(model)
     _validate(options)
     targets = {t.name: t for t in plan_fleet(hosts, options.fleet.deploy)}  # every value checked before anything runs
     by_name = {h.name: h for h in hosts}
     order = [h.name for h in hosts]
     batches = plan_batches(order, options.canary, options.batch)
-    info = {"name": model.name, "sha256": _sha256_file(model), "bytes": model.stat().st_size}
+    info: dict[str, Any] = {}  # name, sha256, bytes: from the first batch's deploy, which checks the model first
 
     outcome: dict[str, RolloutHost] = {}
     done_batches: list[RolloutBatch] = []
@@ -450,6 +447,7 @@ def rollout(model_path: str | Path, hosts: Sequence[InventoryHost], options: Rol
         for n in names:
             report(progress, "batch", f"{kind} {index} of {len(batches)}", host=n)
         fleet = deploy_fleet(model, [by_name[n] for n in names], options.fleet, _deploy_stage(progress))
+        info = info or dict(fleet.model or {})
         deployed = [(targets[h.name], h.result) for h in fleet.hosts if h.ok]
         gates = _gate_batch(deployed, options, progress) if deployed else {}
         for h in fleet.hosts:

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from edgeq.errors import UsageError
+from edgeq.errors import ModelError, UsageError
 from edgeq.report import write_fleet_report
 from edgeq.rollout import RolloutOptions, exit_status, plan_batches, rollout
 from tests.ansible.conftest import active, inventory_hosts, sha, write_inventory
@@ -104,4 +104,8 @@ def test_gate_options_are_validated_before_anything_runs(fleet, tmp_path, device
                 RolloutOptions(fleet=fleet_opts, max_fail_pct=150.0)):
         with pytest.raises(UsageError):
             rollout(model_a, inventory_hosts(inv), bad)
+    garbage = tmp_path / "garbage.tflite"
+    garbage.write_bytes(b"not a model at all")
+    with pytest.raises(ModelError):
+        rollout(garbage, inventory_hosts(inv), RolloutOptions(fleet=fleet_opts, canary=1))
     assert not (tmp_path / "dev0").exists()
