@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import stat
+import time
 import subprocess
 from contextlib import redirect_stdout
 from dataclasses import replace
@@ -266,3 +267,24 @@ def test_a_device_flooding_stdout_is_one_line_and_activates_nothing(tmp_path, de
     assert active(remote) == sha(model_a)
     ledger("bad_input", "5 MiB on the runner's stdout")
     ledger("model_kept", "5 MiB on the runner's stdout")
+
+
+def test_an_activation_that_times_out_after_switching_says_so(tmp_path, device_python, model_a, model_b, ledger):
+    remote = tmp_path / "device"
+    opts = DeployOptions(python=device_python, remote_dir=str(remote), probe_timeout=5.0, **FAST)
+    deploy(model_a, opts)
+    slow = tmp_path / "slowpy"
+    slow.write_text(f"""#!/bin/sh
+for a in "$@"; do
+  if [ "$a" = activate ]; then "{device_python}" "$@" >/dev/null; sleep 30; exit 0; fi
+done
+exec "{device_python}" "$@"
+""")
+    slow.chmod(0o755)
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError) as exc:
+        deploy(model_b, replace(opts, python=str(slow)))
+    assert time.monotonic() - t0 < 25
+    assert active(remote) == sha(model_b)
+    assert "now runs it" in str(exc.value) and "timed out" in str(exc.value), str(exc.value)
+    ledger("fault", "activation timed out after the switch")
