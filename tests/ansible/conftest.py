@@ -5,7 +5,6 @@ The servers come from tests/fleet/conftest.py (imported, so this folder starts i
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -89,4 +88,4 @@ def inventory_hosts(path: Path):
     return load_inventory(path).select(None)
 
 
-__all__ = ["ROOT", "active", "host_outputs", "inventory_hosts", "sha", "write_inventory", "os"]
+__all__ = ["ROOT", "active", "host_outputs", "inventory_hosts", "sha", "write_inventory"]
