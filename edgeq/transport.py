@@ -474,9 +474,11 @@ def _run_script(command: str, nonce: str) -> str:
 def _kill_script(pid: int) -> str:
     # The whole process group; on an sshd that does not make each session its own
     # group, the shell's children (pkill -P, where there is one) and the shell.
+    # Both spellings of kill: POSIX `-s KILL --` and the XSI `-KILL` that some small shells prefer.
     return (f"kill -s KILL -- -{pid} 2>/dev/null && exit 0\n"
+            f"kill -KILL -{pid} 2>/dev/null && exit 0\n"
             f"command -v pkill >/dev/null 2>&1 && pkill -KILL -P {pid}\n"
-            f"kill -s KILL {pid} 2>/dev/null\nexit 0")
+            f"kill -s KILL {pid} 2>/dev/null || kill -KILL {pid} 2>/dev/null\nexit 0")
 
 
 class _PidMarker:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import replace
@@ -128,3 +129,20 @@ def test_cancel_kills_the_command_running_on_the_device(ssh_server, ssh_opts, tm
     assert isinstance(outcome.get("error"), ConnectError) and "cancelled" in str(outcome["error"])
     assert gone_within(_pids(tmp_path), 5), "the cancelled command still runs on the device"
     ledger("fault", "ssh-cancelled-mid-command")
+
+
+def test_kill_falls_back_to_the_shell_and_its_children_without_a_process_group(tmp_path):
+    # An sshd that does not start each session as a process group: the shell's pid names no group.
+    import subprocess
+
+    from edgeq.transport import _kill_script
+
+    shell = subprocess.Popen(["sh", "-c", f"sleep 300 & echo $! > {tmp_path}/child; wait"])
+    deadline = time.monotonic() + 10
+    while not ((tmp_path / "child").exists() and (tmp_path / "child").read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert os.getpgid(shell.pid) != shell.pid
+    subprocess.run(["sh", "-c", _kill_script(shell.pid)], timeout=10, check=True)
+    shell.wait(5)
+    assert gone_within([shell.pid, int((tmp_path / "child").read_text())], 5)
