@@ -16,7 +16,9 @@ Modes:
   run     --model PATH [--eval NPZ] [...]      load, time, evaluate (each under its own time cap)
   layers  --model PATH --eval NPZ --count N    every intermediate tensor for N inputs (bounded)
   lock    --dir DIR --token T --owner JSON     take the device lock (atomic rename of a complete lock
-                                               directory) or report who holds it
+                                               directory) or report who holds it; [--ttl S] the holder's own
+                                               deadline; --race-hook CMD is for tests only (runs CMD between
+                                               reading a lock's owner and breaking it: the race under test)
   refresh --dir DIR --token T                  heartbeat: the lock is not stale while its holder refreshes it
   unlock  --dir DIR --token T                  release it (only if T holds it)
   activate --dir DIR --sha SHA --token T       point DIR/current at models/SHA (atomic rename) [--keep N]
