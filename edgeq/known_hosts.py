@@ -193,11 +193,15 @@ def record(path: Path, name: str, key_type: str, key_b64: str, hash_names: bool 
     The name is hashed when ``hash_names`` (ssh_config ``HashKnownHosts yes``) or
     when the file already holds hashed names. The file is rewritten atomically
     with its mode kept (0600 when new); a symlinked file is written at its
-    target. ``InputError`` on failure.
+    target; a path that is not a regular file (``/dev/null``) is left alone.
+    ``InputError`` on failure.
     """
     path = Path(path).expanduser()
     with _locked(path.parent):
         target = Path(os.path.realpath(path))
+        if target.exists() and not target.is_file():
+            # UserKnownHostsFile /dev/null: nothing is kept, as with ssh (and never replace a device node).
+            return target
         old = _read(target) or ""
         hashed = hash_names or any(line.lstrip().startswith("|1|") for line in old.splitlines())
         entry = f"{hash_name(name) if hashed else name} {key_type} {key_b64}\n"

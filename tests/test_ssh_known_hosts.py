@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import stat
 import threading
 from dataclasses import replace
@@ -193,3 +194,12 @@ def test_known_hosts_that_cannot_be_written_is_one_error(ssh_server, ssh_opts, t
         SSHTransport(ssh_server.spec, opts).connect()
     assert "\n" not in str(exc.value)
     ledger("bad_input", "known-hosts-unwritable")
+
+
+def test_record_into_something_that_is_not_a_file_leaves_it_alone(tmp_path, other_key):
+    # UserKnownHostsFile /dev/null (here a FIFO, which is safe to make): never replaced by a regular file.
+    fifo = tmp_path / "null"
+    os.mkfifo(fifo)
+    kh.record(fifo, "pi", *other_key.split())
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert not [p for p in tmp_path.iterdir() if p.name != "null"]
