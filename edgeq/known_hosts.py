@@ -221,9 +221,10 @@ def record(path: Path, name: str, key_type: str, key_b64: str, hash_names: bool 
 
 def _read(path: Path) -> Optional[str]:
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is then refused as not a file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return None  # /dev/null as UserKnownHostsFile: nothing recorded
             data = f.read(_MAX_FILE_BYTES + 1)
     except FileNotFoundError:

@@ -203,3 +203,13 @@ def test_record_into_something_that_is_not_a_file_leaves_it_alone(tmp_path, othe
     kh.record(fifo, "pi", *other_key.split())
     assert stat.S_ISFIFO(fifo.stat().st_mode)
     assert not [p for p in tmp_path.iterdir() if p.name != "null"]
+
+
+def test_loading_a_fifo_does_not_wait_for_a_writer(tmp_path, other_key):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    done = threading.Event()
+    result: list[kh.KnownHosts] = []
+    threading.Thread(target=lambda: (result.append(kh.KnownHosts.load([fifo])), done.set()), daemon=True).start()
+    assert done.wait(5), "reading a FIFO as known_hosts blocked"
+    assert result[0].entries == ()
