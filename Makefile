@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO := examples/digits
 OUT := out
 
-.PHONY: device-venv-py38 demo demo-model test test-fast bench sysdeps venv device-venv clean testbed testbed-stop demo-arm64
+.PHONY: ansible-collection ansible-sanity device-venv-py38 demo demo-model test test-fast bench sysdeps venv device-venv clean testbed testbed-stop demo-arm64
 
 TESTBED := tests/devices/testbed.sh
 
@@ -14,7 +14,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[convert,micro,test]'
+	$(BIN)/pip install -q -e '.[convert,micro,ansible,test]'
 	touch $@
 
 # The "device" side of the deploy tests: numpy 1.x and tflite-runtime, no TensorFlow, no edgeq.
@@ -83,6 +83,15 @@ bench: venv device-venv
 	$(BIN)/python benchmarks/bench_fleet.py
 	$(BIN)/python benchmarks/bench_sweep.py
 	$(BIN)/python benchmarks/bench_tflite_read.py
+	$(BIN)/python benchmarks/bench_fleet_scale.py --repeat 1
+
+# The Ansible collection edgeq.fleet: dist/edgeq-fleet-*.tar.gz (embeds deploy/runner.py first), and
+# ansible-test sanity run offline (tests/ansible/test_sanity.py runs it in `make test` too).
+ansible-collection: venv
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/ansible-build.sh dist
+
+ansible-sanity: venv
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/ansible-sanity.sh
 
 clean:
 	rm -rf $(OUT) reports $(DEMO)/model.keras $(DEMO)/calib.npy $(DEMO)/eval.npz

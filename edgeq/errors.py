@@ -20,6 +20,8 @@ class ExitCode(IntEnum):
     DEVICE = 4  # a device could not be reached or failed during deploy
     NO_RECIPE = 5  # `edgeq sweep`: no executable recipe fits the target within --max-drop
     OVER_BUDGET = 6  # `edgeq convert --max-drop`: no repair brought the accuracy drop within budget
+    GATE_FAILED = 7  # staged rollout: a host failed its health gate and was reverted
+    REVERT_FAILED = 8  # staged rollout: a host failed its gate and could NOT be reverted
     INTERNAL = 70  # an unexpected exception: a bug in edgeq (EX_SOFTWARE)
     INTERRUPTED = 130
 

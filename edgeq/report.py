@@ -786,12 +786,35 @@ def render_fleet_html(summary: dict) -> str:
         parts = [tag("h2", "Latency by host"),
                  _percentile_bars(ok, label_width=160, label_chars=24, aria="latency by host")]
     seconds = _num(summary.get("seconds")) or 0.0
+    # Staged rollouts (edgeq.rollout, edgeq.ansible_report) add these statuses.
+    extra = "".join(f", {_int(counts.get(k))} {label}" for k, label in
+                    (("reverted", "reverted"), ("gate_failed", "failed their gate"),
+                     ("revert_failed", "could NOT revert"), ("not_started", "not started")) if counts.get(k))
     head = [tag("h1", f"edgeq fleet {summary.get('action', 'deploy')}: {_int(counts.get('ok', 0))} of "
                       f"{_int(counts.get('hosts', 0))} hosts ok"),
             tag("p", f"model {model.get('name', '-')} sha256 {str(model.get('sha256', '-'))[:16]}, "
                      f"{_bytes(model.get('bytes'))}; {_int(counts.get('failed', 0))} failed, "
-                     f"{_int(counts.get('timeout', 0))} timed out; {seconds:.1f} s with "
+                     f"{_int(counts.get('timeout', 0))} timed out{extra}; {seconds:.1f} s with "
                      f"{_int(summary.get('forks'))} forks; started {summary.get('started_at', '')}")]
+    rollout = _d(summary.get("rollout"))
+    if rollout:
+        gate = _d(rollout.get("gate"))
+        limits = [f"accuracy >= {gate['accuracy_min']}" for _ in [0] if gate.get("accuracy_min") is not None]
+        limits += [f"p99 <= {gate['p99_ms_max']} ms" for _ in [0] if gate.get("p99_ms_max") is not None]
+        rows = [[_int(b.get("index")), _text(b.get("kind"), 20), _text(", ".join(map(str, _list(b.get("hosts")))), 400),
+                 _text(", ".join(f"{k} {v}" for k, v in _d(b.get("counts")).items() if v), 200)]
+                for b in map(_d, _list(rollout.get("batches")))]
+        gates = [[_text(h.get("name"), 60), "passed" if _d(h.get("gate")).get("passed") else "FAILED",
+                  _text("; ".join(map(str, _list(_d(h.get("gate")).get("reasons")))), 300)]
+                 for h in map(_d, _list(summary.get("hosts"))) if h.get("gate")]
+        parts = [tag("h2", "Rollout"),
+                 tag("p", f"canary {rollout.get('canary')}, batch {rollout.get('batch') or 'all'}, max fail "
+                          f"{rollout.get('max_fail_pct')} %; health gate from REMOTE_DIR/current: smoke run"
+                          + "".join(f", {x}" for x in limits)
+                          + (f". {rollout.get('stop_reason')}" if rollout.get("stop_reason") else "")),
+                 _table(rows, ["batch", "kind", "hosts", "outcome"]),
+                 *([tag("h2", "Health gate"), _table(gates, ["host", "gate", "reasons"])] if gates else []),
+                 *parts]
     return _page("edgeq fleet summary", *head, table, *parts)
 
 

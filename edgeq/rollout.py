@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 from edgeq import __version__
 from edgeq.deploy import DeployResult
 from edgeq.device import DeviceClient, DeviceLock
-from edgeq.errors import ConnectError, DeviceError, UsageError
+from edgeq.errors import ConnectError, DeviceError, ExitCode, UsageError
 from edgeq.fleet import run_fleet
 from edgeq.fleet_deploy import FleetHost, FleetOptions, FleetTarget, deploy_fleet, plan_fleet
 from edgeq.inventory import InventoryHost
@@ -480,12 +480,12 @@ def rollout(model_path: str | Path, hosts: Sequence[InventoryHost], options: Rol
 def exit_status(result: RolloutResult) -> int:
     """The documented exit code for a rollout: 0 ok, 4 a host failed, 7 a gate failed, 8 a revert failed."""
     if result.count("revert_failed"):
-        return 8
+        return int(ExitCode.REVERT_FAILED)
     if result.count("reverted") or result.count("gate_failed"):
-        return 7
+        return int(ExitCode.GATE_FAILED)
     if not result.ok:
-        return 4
-    return 0
+        return int(ExitCode.DEVICE)
+    return int(ExitCode.OK)
 
 
 __all__ = ["FAILED_STATUSES", "GateResult", "RevertResult", "RolloutBatch", "RolloutHost", "RolloutOptions",

@@ -103,10 +103,11 @@ def test_help_documents_every_exit_code():
     text = CliRunner().invoke(main, ["--help"]).output
     text = " ".join(text.split())
     for code, words in [(0, "ok"), (1, "error"), (2, "bad usage"), (3, "model does not fit"), (4, "device unreachable"),
-                        (5, "no qualifying recipe"), (6, "accuracy budget not met"), (70, "internal error"),
+                        (5, "no qualifying recipe"), (6, "accuracy budget not met"), (7, "a host failed its health gate"),
+                        (8, "a host failed its gate and could not be reverted"), (70, "internal error"),
                         (130, "interrupted")]:
         assert f"{code} {words}" in text, (code, text)
-    assert {int(c) for c in ExitCode} == {0, 1, 2, 3, 4, 5, 6, 70, 130}
+    assert {int(c) for c in ExitCode} == {0, 1, 2, 3, 4, 5, 6, 7, 8, 70, 130}
 
 
 def test_echo_escapes_control_characters():

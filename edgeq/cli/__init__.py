@@ -60,8 +60,10 @@ def main(ctx: click.Context, debug: bool) -> None:
     \b
     Exit codes: 0 ok, 1 error, 2 bad usage, 3 model does not fit the target,
     4 device unreachable or failed, 5 no qualifying recipe (sweep),
-    6 accuracy budget not met (convert --max-drop), 70 internal error
-    (a bug in edgeq; rerun with --debug), 130 interrupted.
+    6 accuracy budget not met (convert --max-drop), 7 a host failed its
+    health gate and was reverted, 8 a host failed its gate and could not be
+    reverted (staged rollouts), 70 internal error (a bug in edgeq; rerun
+    with --debug), 130 interrupted.
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
