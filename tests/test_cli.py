@@ -125,7 +125,7 @@ def test_echo_escapes_control_characters():
 
 # Commands that print only through edgeq.cli._common.echo (control characters escaped). The coordinator
 # extends this list as the other command modules switch from click.echo (see the hostfiles report).
-ECHO_HELPER_MODULES = ["check", "convert", "repair", "sweep"]
+ECHO_HELPER_MODULES = ["check", "convert", "deploy", "repair", "sweep"]
 
 
 def test_commands_print_through_the_escaping_echo():

@@ -46,6 +46,17 @@ def clear_progress(enabled: bool) -> None:
         click.echo(_CLEAR_LINE, err=True, nl=False)
 
 
+def redraw_block(lines: list[str], previous: int, width: int) -> None:
+    """Redraw a live block of status lines on stderr: ours are the only control sequences written.
+
+    Each line is made one escaped line of at most ``width - 1`` characters before the cursor-up and
+    clear-line sequences are added, so text from a device cannot drive the terminal.
+    """
+    out = [f"\x1b[{previous}F"] if previous else []
+    out += ["\x1b[2K" + one_line(line, max(1, width - 1)) + "\n" for line in lines]
+    click.echo("".join(out), err=True, nl=False)
+
+
 def echo_json(data: Any) -> None:
     """Print one JSON document on stdout (``json.dumps`` escapes control characters as ``\\u00XX``)."""
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str, ensure_ascii=True))

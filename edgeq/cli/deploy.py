@@ -8,7 +8,8 @@ from typing import Optional
 import click
 
 from edgeq.cli import main
-from edgeq.cli._common import clear_progress, echo_json, progress_printer
+from edgeq.cli._common import clear_progress, echo, echo_json, progress_printer, redraw_block
+from edgeq.escape import one_line
 
 
 _PASSPHRASE_ENV = "EDGEQ_SSH_PASSPHRASE"
@@ -53,18 +54,14 @@ class FleetView:
             if self.live:
                 self._draw()
             elif self.enabled and ev.stage in ("done", "failed", "timeout"):
-                click.echo(f"{ev.host.ljust(self.width)}  {line}"[:200], err=True)
+                echo(one_line(f"{ev.host.ljust(self.width)}  {line}", 200), err=True)
 
     def _draw(self) -> None:
         import shutil
 
         cols = shutil.get_terminal_size((100, 20)).columns
-        out = []
-        if self.drawn:
-            out.append(f"\x1b[{len(self.names)}F")
-        for n in self.names:
-            out.append("\x1b[2K" + f"{n.ljust(self.width)}  {self.state[n]}"[: cols - 1] + "\n")
-        click.echo("".join(out), err=True, nl=False)
+        redraw_block([f"{n.ljust(self.width)}  {self.state[n]}" for n in self.names],
+                     len(self.names) if self.drawn else 0, cols)
         self.drawn = True
 
 
@@ -196,17 +193,17 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
             if as_json:
                 echo_json(summary)
             else:
-                click.echo(_fleet_table(summary))
+                echo(_fleet_table(summary))
                 c = summary["counts"]
-                click.echo(f"{c['ok']} of {c['hosts']} hosts ok in {len(summary['rollout']['batches'])} batches "
+                echo(f"{c['ok']} of {c['hosts']} hosts ok in {len(summary['rollout']['batches'])} batches "
                            f"({c['failed']} failed, {c['timeout']} timed out, {c['reverted']} reverted, "
                            f"{c['gate_failed']} failed their gate, {c['not_started']} not started) "
                            f"in {staged_result.seconds:.1f} s; summary: {paths.summary_html}")
                 if staged_result.stop_reason:
-                    click.echo(staged_result.stop_reason)
+                    echo(staged_result.stop_reason)
                 for h in staged_result.hosts:
                     if h.status == "revert_failed":
-                        click.echo(f"error: {h.name}: {h.error}", err=True)
+                        echo(f"error: {h.name}: {h.error}", err=True)
             code = exit_status(staged_result)
             if code:
                 ctx.exit(code)
@@ -218,9 +215,9 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
         if as_json:
             echo_json(summary)
         else:
-            click.echo(_fleet_table(summary))
+            echo(_fleet_table(summary))
             c = summary["counts"]
-            click.echo(f"{c['ok']} of {c['hosts']} hosts ok ({c['failed']} failed, {c['timeout']} timed out) "
+            echo(f"{c['ok']} of {c['hosts']} hosts ok ({c['failed']} failed, {c['timeout']} timed out) "
                        f"in {result.seconds:.1f} s; summary: {paths.summary_html}")
         if not result.ok:
             ctx.exit(int(ExitCode.DEVICE))
@@ -232,20 +229,19 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
         echo_json(result.to_dict())
         return
     for line in summary_lines(result):
-        click.echo(line)
+        echo(line)
     if result.layer_diff and "error" not in result.layer_diff:
-        from edgeq.escape import term
         from edgeq.layerdiff import layer_diff_lines
 
         for line in layer_diff_lines(result.layer_diff):
-            click.echo(term(line))
+            echo(line)
     act = result.activation or {}
     if act.get("activated"):
-        click.echo(f"active model: {act['active'][:12]} ({'switched' if act.get('switched') else 'already active'}; "
+        echo(f"active model: {act['active'][:12]} ({'switched' if act.get('switched') else 'already active'}; "
                    f"previous {str(act.get('previous') or '-')[:12]})")
         if act.get("pruned"):
-            click.echo(f"pruned {len(act['pruned'])} old model(s) from the device (--keep {keep})")
-    click.echo(f"report: {paths.html} (also report.json, report.md in {paths.directory})")
+            echo(f"pruned {len(act['pruned'])} old model(s) from the device (--keep {keep})")
+    echo(f"report: {paths.html} (also report.json, report.md in {paths.directory})")
 
 
 @main.command()
@@ -285,7 +281,7 @@ def rollback(ctx: click.Context, host: Optional[str], inventory: Optional[Path],
         else:
             for h in summary["hosts"]:
                 what = f"active {str(h.get('active'))[:12]}" if h["status"] == "ok" else h.get("error")
-                click.echo(f"{h['name']}: {h['status']}: {what}")
+                echo(f"{h['name']}: {h['status']}: {what}")
         if not result.ok:
             ctx.exit(int(ExitCode.DEVICE))
         return
@@ -293,33 +289,73 @@ def rollback(ctx: click.Context, host: Optional[str], inventory: Optional[Path],
     if as_json:
         echo_json(res.to_dict())
     else:
-        click.echo(f"{res.host}: active model is now {str(res.active)[:12]} (was {str(res.rolled_back_from)[:12]})")
+        echo(f"{res.host}: active model is now {str(res.active)[:12]} (was {str(res.rolled_back_from)[:12]})")
 
 
 @main.command("report")
-@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("dirs", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write an HTML page (one report, or several side by side) to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-def report_cmd(dirs: tuple[Path, ...], html_out: Optional[Path], as_json: bool) -> None:
-    """Show one deploy report, or compare several side by side (int8 vs float, Pi 4 vs Pi 5)."""
-    from edgeq.report import compare, summary_lines
+@click.option("--ansible", "ansible_results", type=click.Path(dir_okay=False, path_type=Path), metavar="RESULTS.json",
+              help="Results saved by the edgeq.fleet.results callback of an Ansible run: write summary.json and "
+                   "summary.html (as `edgeq deploy --inventory` does) into -o DIR.")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="With --ansible: the summary directory (default reports/<time>-ansible/).")
+@click.option("-i", "--inventory", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --ansible: the play's inventory, so hosts never reached are listed as not started.")
+@click.option("--limit", metavar="PATTERN", help="With --ansible and --inventory: the play's --limit.")
+@click.pass_context
+def report_cmd(ctx: click.Context, dirs: tuple[Path, ...], html_out: Optional[Path], as_json: bool,
+               ansible_results: Optional[Path], out_dir: Optional[Path], inventory: Optional[Path],
+               limit: Optional[str]) -> None:
+    """Show one deploy report, or compare several side by side (int8 vs float, Pi 4 vs Pi 5).
 
+    With --ansible, turn the results of an Ansible run (edgeq.fleet collection)
+    into the fleet summary. Exit codes as for a staged `edgeq deploy`: 0 all
+    hosts ok, 4 a host failed, 7 a host failed its gate (reverted), 8 a revert failed.
+    """
+    from edgeq.errors import UsageError
+    from edgeq.report import compare, summary_lines, write_comparison
+
+    if ansible_results:
+        import time
+
+        from edgeq.ansible_report import write_ansible_summary
+        from edgeq.rollout import exit_status
+
+        if dirs or html_out:
+            raise UsageError("--ansible writes summary.html into -o DIR; it does not take report directories "
+                             "or --html")
+        names = [h.name for h in _inventory_hosts(inventory, limit)] if inventory else []
+        out = out_dir or Path("reports") / f"{time.strftime('%Y%m%d-%H%M%S')}-ansible"
+        result, paths = write_ansible_summary(ansible_results, out, names)
+        summary = result.to_dict()
+        if as_json:
+            echo_json(summary)
+        else:
+            echo(_fleet_table(summary))
+            c = summary["counts"]
+            echo(f"{c['ok']} of {c['hosts']} hosts ok ({c['failed']} failed, {c['reverted']} reverted, "
+                       f"{c['gate_failed']} failed their gate, {c['revert_failed']} could not revert, "
+                       f"{c['not_started']} not started); summary: {paths.summary_html}")
+        code = exit_status(result)
+        if code:
+            ctx.exit(code)
+        return
+    if not dirs:
+        raise UsageError("give report directories, or --ansible RESULTS.json")
+    if out_dir or inventory or limit:
+        raise UsageError("-o, --inventory and --limit go with --ansible")
     comparison = compare(list(dirs))
     if html_out:
-        from edgeq.errors import InputError
-
-        try:
-            html_out.parent.mkdir(parents=True, exist_ok=True)
-            html_out.write_text(comparison.html(), encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"cannot write {html_out}: {exc.strerror or exc}") from None
+        write_comparison(comparison, html_out)
     if as_json:
         echo_json(comparison.to_dict())
     elif len(comparison.reports) == 1:
         for line in summary_lines(comparison.reports[0]):
-            click.echo(line)
+            echo(line)
     else:
-        click.echo(comparison.table())
+        echo(comparison.table())
     if html_out and not as_json:
-        click.echo(f"html: {html_out}")
+        echo(f"html: {html_out}")
