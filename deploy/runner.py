@@ -1103,6 +1103,15 @@ def layers(args):
 
 
 def _peak_rss():
+    # Linux carries ru_maxrss across exec, so a runner started by a large process (a local device
+    # under an edgeq holding TensorFlow) would report its parent's peak. VmHWM is this process's own.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:

@@ -46,3 +46,27 @@ def test_install_verifies_checksum_before_rename(device_python, tmp_path):
     tmp.write_bytes(b"payload")
     good = _runner(device_python, "install", "--item", str(tmp), str(final), hashlib.sha256(b"payload").hexdigest())
     assert good["ok"] and final.read_bytes() == b"payload" and not tmp.exists()
+
+
+def test_peak_rss_is_the_runners_own_not_its_parents(device_python):
+    """A local device is started by an edgeq that may hold TensorFlow (hundreds of MB); Linux carries
+    ``ru_maxrss`` across exec, so the runner must report its own high-water mark, not its parent's."""
+    from pathlib import Path
+
+    model = Path(__file__).resolve().parents[1] / "fleet" / "data" / "tiny_b.tflite"
+    parent = (
+        "import subprocess, sys\n"
+        "big = bytearray(400 * 1024 * 1024)\n"
+        "for i in range(0, len(big), 4096):\n"
+        "    big[i] = 1\n"
+        "src = sys.stdin.buffer.read()\n"
+        f"out = subprocess.run([{device_python!r}, '-', 'run', '--model', {str(model)!r}, '--runs', '3',\n"
+        "                     '--min-seconds', '0', '--min-warmup-seconds', '0', '--warmup', '0'],\n"
+        "                    input=src, capture_output=True, timeout=120)\n"
+        "sys.stdout.buffer.write(out.stdout)\n"
+    )
+    out = subprocess.run([device_python, "-c", parent], input=runner_source(), capture_output=True, timeout=180)
+    doc = json.loads(out.stdout)
+    assert doc["ok"], doc
+    # The runner with numpy and a tiny model stays far below the 400 MB its parent touched.
+    assert 1_000_000 < doc["peak_rss_bytes"] < 200 * 1024 * 1024, doc["peak_rss_bytes"]
