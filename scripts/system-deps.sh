@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite needs: a real OpenSSH server for
-# the deploy tests and headless Chromium for the report screenshot test.
+# the deploy tests, headless Chromium for the report screenshot test, fish and tcsh
+# for the login-shell tests, g++ and chattr for the export tests.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
@@ -8,6 +9,12 @@ need=()
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# Login shells that are not POSIX sh: the SSH wire command must read the same under them.
+command -v fish >/dev/null 2>&1 || need+=(fish)
+command -v tcsh >/dev/null 2>&1 || need+=(tcsh)
+# g++ compiles the exported C/C++ in the export tests; chattr (e2fsprogs) makes a read-only dir for root.
+command -v g++ >/dev/null 2>&1 || need+=(g++)
+command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
