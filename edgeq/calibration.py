@@ -375,7 +375,7 @@ def _load_images(
     labelled = bool(classes) and all(p.parent != path for p in files)
     idx = _indices(len(files), options)
     try:
-        from PIL import Image
+        from PIL import Image  # noqa: F401 - Pillow is needed here; _read_image uses it
     except ImportError:
         raise DataError("reading a directory of images needs Pillow", "pip install 'edgeq[convert]'") from None
     mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels or 3)

@@ -22,7 +22,6 @@ Nothing is written unless everything succeeded.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import gc
 import io

@@ -215,22 +215,23 @@ def plan_fleet(hosts: Sequence[InventoryHost], base: DeployOptions) -> tuple[Fle
     return tuple(targets)
 
 
-class _Job:
-    """A host's deploy in flight; ``transport`` is kept so a hung host can be cancelled."""
+class HostJob:
+    """Work on one host in flight; the transport is kept so a hung host can be cancelled from outside."""
+
+    what = "the deploy to"  # for the message when a cancelled job tries to connect
 
     def __init__(self, target: FleetTarget) -> None:
         self.target = target
         self.transport: Optional[Transport] = None
         self.lock = threading.Lock()
         self.cancelled = False
-        self.stage = "queued"  # the last progress stage seen: where a timeout struck
 
     def make_transport(self) -> Transport:
         with self.lock:
             if self.cancelled:
                 from edgeq.errors import ConnectError
 
-                raise ConnectError(f"the deploy to {self.target.name} was cancelled", host=self.target.name)
+                raise ConnectError(f"{self.what} {self.target.name} was cancelled", host=self.target.name)
             self.transport = make_transport(self.target.options.host, self.target.options.ssh)
             return self.transport
 
@@ -240,6 +241,14 @@ class _Job:
             tr = self.transport
         if tr is not None:
             tr.cancel()
+
+
+class _Job(HostJob):
+    """A host's deploy in flight, with the last progress stage seen (where a timeout struck)."""
+
+    def __init__(self, target: FleetTarget) -> None:
+        super().__init__(target)
+        self.stage = "queued"
 
 
 def _relabel(progress: Optional[ProgressCallback], job: "_Job") -> ProgressCallback:

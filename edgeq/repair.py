@@ -527,7 +527,6 @@ def _fix_equalize(work: _Work, max_drop: float) -> Attempt:
 
 def _scope_regex(work: _Work, layers: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
     """An anchored regex over the float model's op output names of ``layers``, and the ops it covers."""
-    from edgeq.tflite_file import parse_tflite
 
     conv = _convert_module()
     sg = work.float_model.tflite.main

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from edgeq.errors import InputError
-from edgeq.escape import Html, html, html_join, md, one_line, tag
+from edgeq.escape import Html, html_join, md, one_line, tag
 from edgeq.safeio import atomic_write
 
 ReportLike = Union[dict, "Any"]  # a report.json document or a DeployResult

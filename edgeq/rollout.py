@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -37,10 +36,10 @@ from edgeq.deploy import DeployResult
 from edgeq.device import DeviceClient, DeviceLock
 from edgeq.errors import ConnectError, DeviceError, ExitCode, UsageError
 from edgeq.fleet import run_fleet
-from edgeq.fleet_deploy import FleetHost, FleetOptions, FleetTarget, deploy_fleet, plan_fleet
+from edgeq.fleet_deploy import FleetHost, FleetOptions, FleetTarget, HostJob, deploy_fleet, plan_fleet
 from edgeq.inventory import InventoryHost
 from edgeq.progress import ProgressCallback, ProgressEvent, report
-from edgeq.transport import Transport, make_transport
+from edgeq.transport import Transport
 
 FAILED_STATUSES = ("failed", "timeout", "reverted", "gate_failed", "revert_failed")
 _BATCH_RE = re.compile(r"^\s*(\d+)\s*(%?)\s*$")
@@ -359,27 +358,12 @@ def _gate_host(target: FleetTarget, result: DeployResult, options: RolloutOption
                                 "on this host")
 
 
-class _GateJob:
+class _GateJob(HostJob):
+    what = "the gate on"
+
     def __init__(self, target: FleetTarget, result: DeployResult) -> None:
-        self.target = target
+        super().__init__(target)
         self.result = result
-        self.transport: Optional[Transport] = None
-        self.lock = threading.Lock()
-        self.cancelled = False
-
-    def make_transport(self) -> Transport:
-        with self.lock:
-            if self.cancelled:
-                raise ConnectError(f"the gate on {self.target.name} was cancelled", host=self.target.name)
-            self.transport = make_transport(self.target.options.host, self.target.options.ssh)
-            return self.transport
-
-    def cancel(self) -> None:
-        with self.lock:
-            self.cancelled = True
-            tr = self.transport
-        if tr is not None:
-            tr.cancel()
 
 
 def _gate_deadline(options: RolloutOptions) -> float:

@@ -98,8 +98,8 @@ def run_in_child(module: str, function: str, kwargs: dict[str, Any], timeout: fl
         )
     finally:
         os.close(write_fd)
-    result = _Sink(_MAX_RESULT_BYTES, keep_tail=False)
-    errors = _Sink(_MAX_STDERR_BYTES, keep_tail=True)
+    result = BoundedBuffer(_MAX_RESULT_BYTES, keep_tail=False)
+    errors = BoundedBuffer(_MAX_STDERR_BYTES, keep_tail=True)
     # Drain the result pipe and stderr on threads so neither can block the child,
     # and keep only a bounded part of each.
     drains = [threading.Thread(target=_drain, args=(os.fdopen(read_fd, "rb"), result), daemon=True),
@@ -156,11 +156,15 @@ def run_in_child(module: str, function: str, kwargs: dict[str, Any], timeout: fl
     return ChildResult(False, returncode=rc, signal=sig, stderr_tail=tail, seconds=seconds)
 
 
-class _Sink:
-    """Collects a stream, keeping at most ``cap`` bytes: the first ones, or the last ones."""
+class BoundedBuffer:
+    """One output stream, bounded: keeps the first ``cap`` bytes, or the last ``cap`` bytes.
+
+    Shared by the sandbox's children and the transports' commands: everything read is counted,
+    only ``cap`` bytes are kept, so a flood of output costs time, never memory.
+    """
 
     def __init__(self, cap: int, keep_tail: bool) -> None:
-        self.cap = cap
+        self.cap = max(0, cap)
         self.keep_tail = keep_tail
         self.total = 0
         self._buf = bytearray()
@@ -169,8 +173,8 @@ class _Sink:
         self.total += len(data)
         if self.keep_tail:
             self._buf += data
-            if len(self._buf) > 2 * self.cap:
-                del self._buf[:-self.cap]
+            if len(self._buf) > 2 * self.cap + 65536:
+                del self._buf[: len(self._buf) - self.cap]
         elif len(self._buf) < self.cap:
             self._buf += data[: self.cap - len(self._buf)]
 
@@ -179,10 +183,12 @@ class _Sink:
         return self.total > self.cap
 
     def data(self) -> bytes:
-        return bytes(self._buf[-self.cap:] if self.keep_tail else self._buf)
+        if self.keep_tail and len(self._buf) > self.cap:
+            return bytes(self._buf[len(self._buf) - self.cap:])
+        return bytes(self._buf)
 
 
-def _drain(reader: Any, sink: _Sink) -> None:
+def _drain(reader: Any, sink: BoundedBuffer) -> None:
     with reader:
         while True:
             data = reader.read1(65536) if hasattr(reader, "read1") else reader.read(65536)

@@ -44,7 +44,7 @@ from edgeq import known_hosts as kh
 from edgeq.errors import (AuthError, ConnectError, DeviceError, EdgeqError, HostKeyError, InputError,
                           RemoteCommandError, UsageError)
 from edgeq.escape import term
-from edgeq.sandbox import child_env
+from edgeq.sandbox import BoundedBuffer, child_env
 
 ByteProgress = Callable[[int, int], None]
 
@@ -105,33 +105,6 @@ def signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-class _Capture:
-    """One output stream, bounded: keeps the first ``cap`` bytes, or the last ``cap`` bytes."""
-
-    def __init__(self, cap: int, keep_tail: bool) -> None:
-        self.cap = max(0, cap)
-        self.keep_tail = keep_tail
-        self.total = 0
-        self._buf = bytearray()
-
-    def add(self, data: bytes) -> None:
-        self.total += len(data)
-        if self.keep_tail:
-            self._buf += data
-            if len(self._buf) > 2 * self.cap + _CHUNK:
-                del self._buf[: len(self._buf) - self.cap]
-        elif len(self._buf) < self.cap:
-            self._buf += data[: self.cap - len(self._buf)]
-
-    @property
-    def truncated(self) -> bool:
-        return self.total > self.cap
-
-    def text(self) -> str:
-        data = self._buf[len(self._buf) - self.cap:] if self.keep_tail and len(self._buf) > self.cap else self._buf
-        return _decode(bytes(data))
-
-
 class Transport(ABC):
     """A device edgeq can run commands on and upload files to."""
 
@@ -174,8 +147,8 @@ class Transport(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _result(self, command: str, status: int, out: _Capture, err: _Capture, sig: Optional[str]) -> Result:
-        return Result(command, status, out.text(), err.text(), sig, out.truncated, err.truncated)
+    def _result(self, command: str, status: int, out: BoundedBuffer, err: BoundedBuffer, sig: Optional[str]) -> Result:
+        return Result(command, status, _decode(out.data()), _decode(err.data()), sig, out.truncated, err.truncated)
 
     def _check(self, res: Result, check: bool) -> Result:
         if check and not res.ok:
@@ -188,8 +161,8 @@ class Transport(ABC):
             )
         return res
 
-    def _timed_out(self, command: str, timeout: float, err: _Capture, killed: str) -> RemoteCommandError:
-        tail = Result(command, -1, "", err.text()).tail()
+    def _timed_out(self, command: str, timeout: float, err: BoundedBuffer, killed: str) -> RemoteCommandError:
+        tail = Result(command, -1, "", _decode(err.data())).tail()
         return RemoteCommandError(
             f"command timed out after {timeout:g} s on {self.host}: {_short(command)}; {killed}",
             hint="raise the timeout or check the device (load, a hung runtime)", host=self.host,
@@ -236,8 +209,8 @@ class LocalTransport(Transport):
             raise UsageError("empty command")
         argv = [os.path.expanduser(argv[0]), *argv[1:]]
         command = shlex.join(argv)
-        out = _Capture(self.max_output_bytes, keep_tail=False)
-        err = _Capture(self.max_output_bytes, keep_tail=True)
+        out = BoundedBuffer(self.max_output_bytes, keep_tail=False)
+        err = BoundedBuffer(self.max_output_bytes, keep_tail=True)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     env=child_env(), start_new_session=True)
@@ -291,7 +264,7 @@ class LocalTransport(Transport):
             pass
 
 
-def _pump_local(proc: subprocess.Popen, stdin: bytes, deadline: float, out: _Capture, err: _Capture) -> bool:
+def _pump_local(proc: subprocess.Popen, stdin: bytes, deadline: float, out: BoundedBuffer, err: BoundedBuffer) -> bool:
     """Feed stdin and drain stdout/stderr until both close; False when the deadline passed first."""
     sel = selectors.DefaultSelector()
     streams = {proc.stdout: out, proc.stderr: err}
@@ -486,7 +459,7 @@ class _PidMarker:
 
     _LIMIT = 64 * 1024  # login-shell noise before the marker; more than this and we stop looking
 
-    def __init__(self, nonce: str, err: _Capture) -> None:
+    def __init__(self, nonce: str, err: BoundedBuffer) -> None:
         self.pattern = re.compile(rb"EDGEQ-PID:(\d+):" + nonce.encode() + rb"\n")
         self.err = err
         self.pid: Optional[int] = None
@@ -1060,8 +1033,8 @@ class SSHTransport(Transport):
         def left(cap: float = float("inf")) -> float:
             return max(0.05, min(cap, deadline - time.monotonic()))
 
-        out = _Capture(self.max_output_bytes, keep_tail=False)
-        err = _Capture(self.max_output_bytes, keep_tail=True)
+        out = BoundedBuffer(self.max_output_bytes, keep_tail=False)
+        err = BoundedBuffer(self.max_output_bytes, keep_tail=True)
         marker = _PidMarker(nonce, err)
         tr = self._transport(after_cancel)
         wait = left(step)
@@ -1132,7 +1105,7 @@ class SSHTransport(Transport):
             sig = signal_name(status - 128)
         return self._result(command, status, out, err, sig)
 
-    def _pump(self, chan: Any, stdin: bytes, deadline: float, out: _Capture, err: _PidMarker) -> bool:
+    def _pump(self, chan: Any, stdin: bytes, deadline: float, out: BoundedBuffer, err: _PidMarker) -> bool:
         """Feed stdin and drain both streams (bounded) until the command ends; False on the deadline."""
         view = memoryview(stdin)
         pos = 0
