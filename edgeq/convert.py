@@ -918,8 +918,10 @@ def validate(quantized: QuantizedModel, float_model: FloatModel, eval_data: Data
     t = time.perf_counter()
     warns: list[str] = []
     report(progress, "evaluate", "float reference")
-    ref = _float_reference(float_model, eval_data, progress)
-    got = _run_all(quantized.content, eval_data, progress, quantized.recipe.name)
+    # LiteRT's C++ logs ("Created TensorFlow Lite XNNPACK delegate") go to fd 2: keep them off the terminal.
+    with quiet_tensorflow():
+        ref = _float_reference(float_model, eval_data, progress)
+        got = _run_all(quantized.content, eval_data, progress, quantized.recipe.name)
     fidelity = _fidelity(ref, got, eval_data.labels)
     ranges = None
     if calibration is not None:
