@@ -918,10 +918,8 @@ def validate(quantized: QuantizedModel, float_model: FloatModel, eval_data: Data
     t = time.perf_counter()
     warns: list[str] = []
     report(progress, "evaluate", "float reference")
-    # LiteRT's C++ logs ("Created TensorFlow Lite XNNPACK delegate") go to fd 2: keep them off the terminal.
-    with quiet_tensorflow():
-        ref = _float_reference(float_model, eval_data, progress)
-        got = _run_all(quantized.content, eval_data, progress, quantized.recipe.name)
+    ref = _float_reference(float_model, eval_data, progress)
+    got = _run_all(quantized.content, eval_data, progress, quantized.recipe.name)
     fidelity = _fidelity(ref, got, eval_data.labels)
     ranges = None
     if calibration is not None:
@@ -1179,8 +1177,10 @@ def _runner(content: bytes) -> Any:
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     try:
-        interp = Interpreter(model_content=content)
-        interp.allocate_tensors()  # applies the default delegate: a refusal surfaces here
+        # LiteRT logs "Created TensorFlow Lite XNNPACK delegate" to fd 2 from C++: not for the terminal.
+        with quiet_tensorflow():
+            interp = Interpreter(model_content=content)
+            interp.allocate_tensors()  # applies the default delegate: a refusal surfaces here
         return interp.get_signature_runner(_SIGNATURE)
     except RuntimeError:
         interp = Interpreter(model_content=content,

@@ -145,3 +145,19 @@ def test_sweep_measures_on_the_first_inventory_host(digits_keras, calib_npy, dig
     # This machine as the device for a Pi target: the sweep says whose latency it ranked.
     assert (f"warning: the device is {arch}, not the rpi4's Arm CPU" in res.output) == (
         not arch.startswith(("aarch64", "arm")))
+
+
+@pytest.mark.slow
+def test_runtime_log_lines_stay_off_the_terminal(digits_keras, calib_npy, digits_eval_npz, tmp_path):
+    """LiteRT writes "INFO: Created TensorFlow Lite XNNPACK delegate" to file descriptor 2 from C++, which
+    CliRunner cannot see: run the real command and read its stderr."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "edgeq", "sweep", str(digits_keras), "--calib", str(calib_npy),
+                        "--eval", str(digits_eval_npz), "--target", "rpi4", "--recipes", "int8,fp32",
+                        "--samples", "20", "--eval-samples", "50", "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "recommended:" in p.stdout
+    assert "XNNPACK delegate" not in p.stderr + p.stdout and "INFO:" not in p.stderr, p.stderr[-2000:]
