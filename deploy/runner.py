@@ -52,6 +52,7 @@ import shutil
 import signal
 import socket
 import stat
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -579,8 +580,8 @@ def lock(args):
                 return {"ok": True, "mode": "lock", "remote_dir": remote_dir, "broke_stale": broke,
                         "swept": _sweep(remote_dir)}
             current = _lock_owner(lock_dir)
-            if args.race_hook:  # tests only: run a command between reading the owner and breaking the lock
-                subprocess.call(args.race_hook, shell=True)
+            if args.race_hook:  # tests only: run a command (an argv, no shell) between reading and breaking
+                subprocess.call(shlex.split(args.race_hook), stdout=subprocess.DEVNULL)
             limit = _stale_after(current, args.stale_after) if args.stale_after is not None else None
             stale = limit is not None and current["age_s"] > limit
             gone = bool(args.break_token) and current.get("token") == args.break_token

@@ -42,7 +42,7 @@ def test_two_deploys_breaking_one_stale_lock_never_both_hold_it(device_python, t
     _fake_lock(remote, time.time() - 4000)
     # B reads the stale owner; before B moves it aside, A breaks the same stale lock and takes a fresh one.
     a_cmd = " ".join(shlex.quote(a) for a in [device_python, str(RUNNER), *_lock_args(remote, "A")])
-    b = runner(device_python, *_lock_args(remote, "B"), "--race-hook", a_cmd + " >/dev/null")
+    b = runner(device_python, *_lock_args(remote, "B"), "--race-hook", a_cmd)
     owner = json.loads((remote / "lock" / "owner.json").read_text())
     assert owner["token"] == "A", owner  # A's fresh lock is still A's
     assert b["ok"] is False and b["kind"] == "busy", b  # B saw that and backed off
