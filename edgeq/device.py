@@ -28,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from edgeq import jsondoc
 from edgeq.errors import (ConnectError, DeviceBusy, DeviceError, DeviceProtocolError, RemoteCommandError,
                           RunnerCrashed)
 from edgeq.transport import Result, Transport
@@ -178,23 +179,6 @@ def run_schema(max_samples: int) -> Check:
                peak_rss_bytes=optional(integer(0)), eval=optional(EVAL))
 
 
-def _depth_ok(doc: Any) -> bool:
-    stack = [(doc, 1)]
-    while stack:
-        v, d = stack.pop()
-        if d > MAX_DEPTH:
-            return False
-        if isinstance(v, dict):
-            stack.extend((x, d + 1) for x in v.values())
-        elif isinstance(v, list):
-            stack.extend((x, d + 1) for x in v)
-    return True
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def decode_encoded(enc: dict[str, Any], where: str = "outputs"):
     """An ``ENCODED`` array (validated: its byte count matches its shape) as a numpy array."""
     import numpy as np
@@ -332,7 +316,7 @@ class DeviceClient:
             raise DeviceProtocolError(f"the runner on {host} answered {what} with {len(last)} bytes "
                                       f"(more than {MAX_DOCUMENT_BYTES})", host=host)
         try:
-            doc = json.loads(last, parse_constant=_reject_constant)
+            doc = jsondoc.loads(last)
         except RecursionError:
             raise DeviceProtocolError(f"the runner on {host} answered {what} with a document nested too deeply",
                                       host=host) from None
@@ -342,7 +326,7 @@ class DeviceClient:
         try:
             if not isinstance(doc, dict):
                 raise _Bad(f"the document is {_type_name(doc)}, not an object")
-            if not _depth_ok(doc):
+            if jsondoc.depth(doc, MAX_DEPTH) > MAX_DEPTH:
                 raise _Bad(f"the document is nested deeper than {MAX_DEPTH}")
             boolean(doc.get("ok"), "ok")
             if doc["ok"]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from edgeq.errors import InputError
+from edgeq import jsondoc
 from edgeq.escape import Html, html_join, md, one_line, tag
 from edgeq.safeio import atomic_write
 
@@ -151,37 +152,12 @@ def _kind(value: Any) -> str:
             float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _depth(doc: Any) -> int:
-    deepest, stack = 0, [(doc, 1)]
-    while stack:
-        value, d = stack.pop()
-        deepest = max(deepest, d)
-        if d > MAX_DEPTH:
-            return d
-        if isinstance(value, dict):
-            stack.extend((v, d + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, d + 1) for v in value)
-    return deepest
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text[:40]} is out of range for a number")
-    return value
-
-
 def check_report(doc: Any, where: str = "report.json") -> dict:
     """Check the shape of a report document; raise ``InputError`` naming the first bad fields."""
     if not isinstance(doc, dict):
         raise InputError(f"{where} is not an edgeq report (a JSON object), it holds {_kind(doc)}",
                          "pass a directory written by `edgeq deploy`")
-    if _depth(doc) > MAX_DEPTH:
+    if jsondoc.depth(doc, MAX_DEPTH) > MAX_DEPTH:
         raise InputError(f"{where} is nested more than {MAX_DEPTH} levels deep; it is not an edgeq report")
     problems: list[str] = []
     _validate(doc, _SCHEMA, "", problems)
@@ -206,7 +182,7 @@ def load_report(directory: str | Path) -> dict:
     if len(raw) > MAX_REPORT_BYTES:
         raise InputError(f"{path} is larger than {MAX_REPORT_BYTES // (1024 * 1024)} MiB; it is not an edgeq report")
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constants, parse_float=_finite_float)
+        doc = jsondoc.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise InputError(f"{path} is not UTF-8 text; it is not an edgeq report") from None
     except RecursionError:
