@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 import yaml
@@ -20,7 +21,9 @@ def test_playbook_on_the_emulated_pi(tmp_path, emulated_pi, device_known_hosts, 
         "ansible_host": d.addr, "ansible_port": d.port, "ansible_user": d.user,
         "ansible_ssh_private_key_file": str(d.key), "ansible_python_interpreter": d.python_tflite,
         "ansible_ssh_common_args": f"-o UserKnownHostsFile={device_known_hosts} -o StrictHostKeyChecking=yes",
-        "edgeq_remote_dir": f"/tmp/edgeq-ansible-{tmp_path.name}"}}}}))
+        # The emulated Pi outlives test runs (its /tmp too): a fresh directory per run, or the first run of a
+        # second `make test` finds the model already active and changes nothing.
+        "edgeq_remote_dir": f"/tmp/edgeq-ansible-{uuid.uuid4().hex[:12]}"}}}}))
     book = tmp_path / "pi.yml"
     book.write_text(json.dumps([{"hosts": "all", "gather_facts": False, "tasks": [
         {"edgeq.fleet.model": {"src": str(tiny_int8_tflite), "remote_dir": "{{ edgeq_remote_dir }}", "runs": 5,
