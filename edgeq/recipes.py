@@ -127,7 +127,7 @@ def load_recipes(path: Optional[str | Path] = None) -> RecipeTable:
         with open(p, "rb") as f:
             raw = f.read(_MAX_FILE + 1)
     except FileNotFoundError:
-        raise RecipeError(f"{where}: no such recipe file", "check the path given to --recipes") from None
+        raise RecipeError(f"{where}: no such recipe file", "check the path given to --recipe-file") from None
     except OSError as exc:
         raise RecipeError(f"{where}: cannot read ({exc.strerror or exc})") from None
     if len(raw) > _MAX_FILE:
