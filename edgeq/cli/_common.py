@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import click
 
@@ -55,6 +55,15 @@ def redraw_block(lines: list[str], previous: int, width: int) -> None:
     out = [f"\x1b[{previous}F"] if previous else []
     out += ["\x1b[2K" + one_line(line, max(1, width - 1)) + "\n" for line in lines]
     click.echo("".join(out), err=True, nl=False)
+
+
+def echo_result(as_json: bool, data: Any, lines: Iterable[str]) -> None:
+    """A command's result: one JSON document with ``--json``, else its summary lines (escaped)."""
+    if as_json:
+        echo_json(data)
+        return
+    for line in lines:
+        echo(line)
 
 
 def echo_json(data: Any) -> None:

@@ -14,7 +14,7 @@ import click
 
 from edgeq.calibration import DEFAULT_SAMPLES, DataOptions, parse_floats
 from edgeq.cli import main
-from edgeq.cli._common import clear_progress, echo, echo_json, progress_printer
+from edgeq.cli._common import clear_progress, echo_result, progress_printer
 
 if TYPE_CHECKING:  # names only: edgeq.convert (and with it TensorFlow) is imported when the command runs
     from edgeq.convert import ConvertOptions, ConvertResult
@@ -114,11 +114,7 @@ def convert(model: str, calib: str, target: Optional[str], samples: int, scheme:
         return
     result = _convert_and_check(model, calib, out, options, progress)
     clear_progress(show)
-    if as_json:
-        echo_json(result.to_dict())
-        return
-    for line in summary_lines(result):
-        echo(line)
+    echo_result(as_json, result.to_dict(), summary_lines(result))
 
 
 def _convert_and_check(model: str, calib: str, out: str, options: ConvertOptions,
@@ -156,18 +152,10 @@ def _convert_with_budget(model: str, calib: str, out: str, options: ConvertOptio
     except BudgetNotMet as exc:
         # Every attempt is worth seeing before the one-line error says none met the budget.
         clear_progress(show)
-        if as_json:
-            echo_json(exc.result.to_dict())
-        else:
-            for line in exc.result.summary_lines():
-                echo(line)
+        echo_result(as_json, exc.result.to_dict(), exc.result.summary_lines())
         raise
     clear_progress(show)
-    if as_json:
-        echo_json(result.to_dict())
-        return
-    for line in result.summary_lines():
-        echo(line)
+    echo_result(as_json, result.to_dict(), result.summary_lines())
 
 
 def _kb(n: int) -> str:

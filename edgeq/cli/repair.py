@@ -13,7 +13,7 @@ import click
 
 from edgeq.calibration import DEFAULT_SAMPLES, DataOptions, parse_floats
 from edgeq.cli import main
-from edgeq.cli._common import clear_progress, echo, echo_json, progress_printer
+from edgeq.cli._common import clear_progress, echo_result, progress_printer
 
 
 @main.command()
@@ -57,8 +57,4 @@ def qat(model: str, train_data: str, calib: str, eval_data: str, output: str, ep
                          QatOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed),
                          data, progress, report_path)
     clear_progress(show)
-    if as_json:
-        echo_json(result.to_dict())
-        return
-    for line in result.summary_lines():
-        echo(line)
+    echo_result(as_json, result.to_dict(), result.summary_lines())

@@ -9,7 +9,7 @@ import click
 
 from edgeq.calibration import DEFAULT_SAMPLES, DataOptions, parse_floats
 from edgeq.cli import main
-from edgeq.cli._common import clear_progress, echo, echo_json, progress_printer
+from edgeq.cli._common import clear_progress, echo_result, progress_printer
 
 # Names only: edgeq.sweep imports the conversion stages (and TensorFlow) when the command runs.
 _OBJECTIVES = ("latency", "size", "energy")
@@ -175,15 +175,7 @@ def sweep(model: str, calib: str, eval_data: str, target: str, host: Optional[st
     except NoQualifyingRecipe as exc:
         # The table says why each recipe lost; the error line (exit code 5) follows it.
         clear_progress(show)
-        if as_json:
-            echo_json(exc.result.to_dict())
-        else:
-            for line in summary_lines(exc.result):
-                echo(line)
+        echo_result(as_json, exc.result.to_dict(), summary_lines(exc.result))
         raise
     clear_progress(show)
-    if as_json:
-        echo_json(result.to_dict())
-        return
-    for line in summary_lines(result):
-        echo(line)
+    echo_result(as_json, result.to_dict(), summary_lines(result))
