@@ -13,6 +13,7 @@ from edgeq.check import CheckOptions, check_model
 from edgeq.targets import load_target
 from edgeq.tflite_file import read_tflite
 from tests import check_models
+from tests.tflite_models import int8_tflite
 
 pytestmark = pytest.mark.slow
 
@@ -155,15 +156,8 @@ def digits_int16x8_tflite(tmp_path_factory, digits_keras, digits):
     import tensorflow as tf
 
     model = tf.keras.models.load_model(digits_keras)
-    x = digits["x_train"][:50]
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = lambda: ([x[i:i + 1]] for i in range(len(x)))
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-    conv.inference_input_type = tf.int16
-    conv.inference_output_type = tf.int16
     path = tmp_path_factory.mktemp("i16") / "model_int16x8.tflite"
-    path.write_bytes(conv.convert())
+    path.write_bytes(int8_tflite(model, digits["x_train"][:50], int16_activations=True))
     return path
 
 
