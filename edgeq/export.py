@@ -168,26 +168,19 @@ def _write_together(out: Path, contents: dict[str, str]) -> None:
         for name in contents:
             os.replace(staging / name, out / name)
             moved.append(out / name)
-    except (OSError, InputError) as exc:
+    except BaseException as exc:  # all three files or none, whatever stopped us
         for p in moved:
             p.unlink(missing_ok=True)
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         if created_dir:
             shutil.rmtree(out, ignore_errors=True)
+        hint = "check free space and permissions, or choose another -o"
         if isinstance(exc, InputError):
-            raise InputError(f"cannot write the C sources to {out}: {exc.message}",
-                             "check free space and permissions, or choose another -o") from None
-        where = exc.filename or out
-        raise InputError(f"cannot write the C sources to {out}: {where}: {exc.strerror or exc}",
-                         "check free space and permissions, or choose another -o") from None
-    except BaseException:
-        for p in moved:
-            p.unlink(missing_ok=True)
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        if created_dir:
-            shutil.rmtree(out, ignore_errors=True)
+            raise InputError(f"cannot write the C sources to {out}: {exc.message}", hint) from None
+        if isinstance(exc, OSError):
+            where = exc.filename or out
+            raise InputError(f"cannot write the C sources to {out}: {where}: {exc.strerror or exc}", hint) from None
         raise
     shutil.rmtree(staging, ignore_errors=True)
 
