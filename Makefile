@@ -10,11 +10,15 @@ OUT := out
 
 TESTBED := tests/devices/testbed.sh
 
+# [torch] adds PyTorch and litert-torch: about 1 minute and 1.3 GB installed with CPU-only torch.
+# PyPI's Linux torch wheels add about 2.3 GB of CUDA wheels; for CPU-only wheels:
+#   make test PIP_TORCH='--extra-index-url https://download.pytorch.org/whl/cpu'
+PIP_TORCH ?=
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[convert,micro,ansible,test]'
+	$(BIN)/pip install -q $(PIP_TORCH) -e '.[convert,micro,ansible,test,torch]'
 	touch $@
 
 # The "device" side of the deploy tests: numpy 1.x and tflite-runtime, no TensorFlow, no edgeq.
@@ -84,6 +88,7 @@ bench: venv device-venv
 	$(BIN)/python benchmarks/bench_sweep.py
 	$(BIN)/python benchmarks/bench_tflite_read.py
 	$(BIN)/python benchmarks/bench_fleet_scale.py --repeat 1
+	$(BIN)/python benchmarks/bench_torch.py
 
 # The Ansible collection edgeq.fleet: dist/edgeq-fleet-*.tar.gz (embeds deploy/runner.py first), and
 # ansible-test sanity run offline (tests/ansible/test_sanity.py runs it in `make test` too).

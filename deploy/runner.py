@@ -5,15 +5,24 @@ Standard library + numpy + whichever TFLite runtime is importable
 Works on Python 3.8+, numpy 1.x and 2.x. Every mode prints ONE JSON document
 on stdout; failures print ``{"ok": false, "error": ..., "kind": ...}`` and exit 2.
 
-The host always sends this file on stdin (``python - MODE ...``); nothing
-ever executes a runner file found on the device.
+The host always sends this file on stdin (``python - MODE``); nothing
+ever executes a runner file found on the device. The host puts the mode's
+arguments on stdin too, as one line ahead of this file, ``EDGEQ_ARGS = [...]``
+(a list of strings), so the command line stays short whatever the arguments
+(Dropbear drops an exec request over 9,000 bytes). Arguments on the command
+line (``python - MODE ARGS...``, as the Ansible collection calls it) work too.
+This file must be able to follow that line: no ``from __future__`` import here.
 
 Modes:
   probe   [--dir DIR] [--have REL SHA ...]     device facts in one round trip; the sha256 of every file the
                                                host asks about (a corrupt file is then re-sent); with --prepare,
                                                DIR and DIR/{models,data,runner} made 0700 and checked
   install --item TMP FINAL SHA256 [...]        verify sha256 on the device, then rename
-  run     --model PATH [--eval NPZ] [...]      load, time, evaluate (each under its own time cap)
+  run     --model PATH [--eval NPZ] [...]      load, time, evaluate (each under its own time cap); eval arrays
+                                               go to the inputs by name (x for one input; .npy too), a dynamic
+                                               input takes their shape (or --input-shape [NAME=]1x32x32x3),
+                                               state is reset before each sample; every output comes back raw
+                                               (bounded) and the host judges it
   layers  --model PATH --eval NPZ --count N    every intermediate tensor for N inputs (bounded)
   lock    --dir DIR --token T --owner JSON     take the device lock (atomic rename of a complete lock
                                                directory) or report who holds it; [--ttl S] the holder's own
@@ -22,23 +31,32 @@ Modes:
   refresh --dir DIR --token T                  heartbeat: the lock is not stale while its holder refreshes it
   unlock  --dir DIR --token T                  release it (only if T holds it)
   activate --dir DIR --sha SHA --token T       point DIR/current at models/SHA (atomic rename) [--keep N]
-  rollback --dir DIR --token T                 swap DIR/current and DIR/previous
-  state   --dir DIR                            which model current and previous point at
+  rollback --dir DIR --token T                 make the previous model current again (and current previous)
+  state   --dir DIR                            which model is current and which previous
 
 Every directory edgeq uses on the device (DIR, models/, data/, runner/, lock)
 must be a real directory (not a symlink), owned by this user and not writable
 by group or others; edgeq creates them 0700.
 
-Activation layout: ``DIR/current`` and ``DIR/previous`` are symlinks to
-``models/<sha256>``; applications load ``DIR/current/model.tflite``. A switch
-writes a new symlink at a temporary name and renames it over the old one, so a
-reader sees the old model or the new one, never neither.
+Activation layout: ``DIR/current`` is a symlink to ``models/<sha256>``;
+applications load ``DIR/current/model.tflite``. The model it names records
+which model was current before it (``models/<sha256>/previous``, written
+before the switch), so renaming ``current`` over is the one step that changes
+both: a crash leaves the old pair or the new pair, never a mix. ``DIR/previous``
+(a symlink) is kept up to date for readers of the older layout, and read only
+for a model activated before the record existed. A ``current`` that edgeq did
+not make (a link outside ``models/``, a file) is never replaced.
 
 Timed runs follow benchmark_model: at least --runs (50) and at least
 --min-seconds (1 s), stopping at --max-runs (10000) or --max-seconds (150 s).
 """
 
-from __future__ import print_function
+# Before anything is imported: ``python -`` puts the working directory first on sys.path, and a json.py
+# or numpy.py there would run instead of the real one. Not ``-I`` on the command line: that would also drop
+# user site-packages and PYTHONPATH, where a device's TFLite runtime is often installed.
+import sys
+if __name__ == "__main__" and sys.path and sys.path[0] in ("", "."):
+    del sys.path[0]
 
 import argparse
 import base64
@@ -54,7 +72,6 @@ import socket
 import stat
 import shlex
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -67,6 +84,63 @@ class RunnerError(Exception):
     def __init__(self, message, kind="error"):
         Exception.__init__(self, message)
         self.kind = kind
+
+
+NPZ_MAX_BYTES = 1 << 30  # what an eval .npz may declare in total once loaded (documented in the README)
+NPZ_BOMB_FLOOR = 64 << 20  # above this, an array packed more than NPZ_MAX_RATIO times is a bomb: real data
+NPZ_MAX_RATIO = 100        # (images, features) compresses a few times, zeros a thousand times
+
+
+def _npz_declared_bytes(path, limit=NPZ_MAX_BYTES):
+    """Bytes the arrays of the .npz at ``path`` declare, read from each member's .npy header (no data is
+    decompressed); ``RunnerError`` ("data") naming the file, the member and the sizes when a member declares
+    more than it holds (a zip bomb) or the total passes ``limit``. Standard library only."""
+    import ast
+    import re
+    import struct
+    import zipfile
+
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as member:
+                    magic = member.read(8)
+                    if len(magic) < 8 or magic[:6] != b"\x93NUMPY" or magic[6] not in (1, 2, 3):
+                        raise RunnerError("eval data %s: member %s is not an .npy array" % (path, info.filename), "data")
+                    size_fmt = "<H" if magic[6] == 1 else "<I"
+                    size = struct.unpack(size_fmt, member.read(struct.calcsize(size_fmt)))[0]
+                    if size > 10000:
+                        raise RunnerError("eval data %s: member %s has a %d-byte header" % (path, info.filename, size),
+                                          "data")
+                    header = ast.literal_eval(member.read(size).decode("latin1"))
+                descr = header.get("descr") if isinstance(header, dict) else None
+                shape = header.get("shape") if isinstance(header, dict) else None
+                m = re.match(r"^[<>|=]?([iufbc])(\d+)$", descr) if isinstance(descr, str) else None
+                if (m is None or not isinstance(shape, tuple)
+                        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                    raise RunnerError("eval data %s: member %s is not a plain numeric array" % (path, info.filename),
+                                      "data")
+                declared = int(m.group(2))
+                for d in shape:
+                    declared *= d
+                if declared > info.file_size or (declared > NPZ_BOMB_FLOOR
+                                                 and declared > NPZ_MAX_RATIO * max(info.compress_size, 1)):
+                    raise RunnerError("eval data %s: member %s declares %d bytes from %d compressed (%d in the "
+                                      "archive's directory): a zip bomb or a damaged file"
+                                      % (path, info.filename, declared, info.compress_size, info.file_size), "data")
+                total += declared
+                if total > limit:
+                    raise RunnerError("eval data %s: its arrays declare %d bytes by member %s, more than the limit "
+                                      "of %d" % (path, total, info.filename, limit), "data")
+    except RunnerError:
+        raise
+    except Exception as exc:  # a corrupt zip, a header that is not a literal
+        raise RunnerError("cannot read eval data %s: %s" % (path, str(exc).splitlines()[0][:200] if str(exc) else
+                                                            type(exc).__name__), "data")
+    return total
 
 
 # --------------------------------------------------------------------- probe
@@ -424,6 +498,7 @@ def _unlink(path):
 LOCK_NAME = "lock"
 OWNER_FILE = "owner.json"
 HEARTBEAT_FILE = "heartbeat"
+CLOCK_SLACK_S = 60.0  # a lock time further ahead than this was written by a clock that has since gone back
 
 
 def _fsync_dir(path):
@@ -443,8 +518,51 @@ def _suffix():
     return base64.b16encode(os.urandom(6)).decode().lower()
 
 
+def _boot_clock():
+    """(boot id, seconds since boot) from /proc, or (None, None) where it does not say. Neither moves with the
+    wall clock: NTP, a fake-hwclock restore or a hand-set date leave them alone."""
+    boot = (_read("/proc/sys/kernel/random/boot_id", 64) or "").strip()
+    try:
+        up = float((_read("/proc/uptime", 64) or "").split()[0])
+    except (IndexError, ValueError):
+        up = None
+    if not boot or up is None or not 0 <= up < 1e10:
+        return None, None
+    return boot, up
+
+
+def _number(value):
+    """A finite float from an untrusted JSON value, else None (a huge integer or a string is not a time)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if -1e12 < value < 1e12 else None
+
+
+def _mark_age(wall, boot, up, now, boot_now, up_now):
+    """Seconds since one lock timestamp (the lock's taking or a heartbeat), judged without trusting the wall clock
+    to have only gone forward.
+
+    Same boot: the device's uptime then and now (monotonic). An earlier boot: the lock is at least as old as this
+    boot. Otherwise the wall clock; a time more than CLOCK_SLACK_S in the future was written by a clock that has
+    since gone back and dates nothing, so the lock counts as old as this boot (or stays fresh where the device's
+    uptime is unknown)."""
+    wall_age = None if wall is None else now - wall
+    if wall_age is not None and wall_age < -CLOCK_SLACK_S:
+        wall_age = None
+    if boot_now is not None:
+        if boot == boot_now and up is not None:
+            return max(0.0, up_now - up)
+        if (boot and boot != boot_now) or wall_age is None:  # an earlier boot, or a time from the future
+            return max(up_now, wall_age or 0.0)
+    return max(0.0, wall_age or 0.0)
+
+
 def _lock_owner(lock_dir):
-    """The owner document of a lock directory, with its age (since its last heartbeat) on the device clock."""
+    """The owner document of a lock directory, with its age (since it was taken or last refreshed) in ``age_s``."""
     path = os.path.join(lock_dir, OWNER_FILE)
     doc = None
     try:
@@ -454,15 +572,33 @@ def _lock_owner(lock_dir):
         doc = None
     if not isinstance(doc, dict):
         doc = {}
+    now = time.time()
+    boot_now, up_now = _boot_clock()
+    since = _number(doc.get("since"))
+    if since is None:
+        try:
+            since = os.stat(lock_dir).st_mtime
+        except OSError:
+            since = now
+    boot = doc.get("boot_id") if isinstance(doc.get("boot_id"), str) else None
+    ages = [_mark_age(since, boot, _number(doc.get("uptime_s")), now, boot_now, up_now)]
+    beat_path = os.path.join(lock_dir, HEARTBEAT_FILE)
     try:
-        since = float(doc.get("since")) if doc.get("since") is not None else os.stat(lock_dir).st_mtime
-    except (OSError, TypeError, ValueError):
-        since = time.time()
-    try:
-        since = max(since, os.stat(os.path.join(lock_dir, HEARTBEAT_FILE)).st_mtime)
+        beat_wall = os.stat(beat_path).st_mtime
     except OSError:
-        pass
-    doc["age_s"] = round(max(0.0, time.time() - since), 3)
+        beat_wall = None
+    if beat_wall is not None:
+        beat = None
+        try:
+            with open(beat_path) as f:
+                beat = json.loads(f.read(4096) or "null")
+        except (OSError, IOError, ValueError, RecursionError):
+            beat = None
+        if not isinstance(beat, dict):
+            beat = {}
+        beat_boot = beat.get("boot_id") if isinstance(beat.get("boot_id"), str) else None
+        ages.append(_mark_age(beat_wall, beat_boot, _number(beat.get("uptime_s")), now, boot_now, up_now))
+    doc["age_s"] = round(min(ages), 3)
     return doc
 
 
@@ -565,7 +701,9 @@ def lock(args):
         raise RunnerError("--owner is not JSON", "usage")
     if not isinstance(owner, dict):
         raise RunnerError("--owner is not a JSON object", "usage")
-    owner.update({"token": args.token, "since": time.time(), "device_pid": os.getpid()})
+    boot, up = _boot_clock()  # the lock's age is judged on these where the device has them (not the wall clock)
+    owner.update({"token": args.token, "since": time.time(), "device_pid": os.getpid(), "boot_id": boot,
+                  "uptime_s": up})
     if args.ttl is not None:
         owner["ttl_s"] = float(args.ttl)
     tmp_dir = _new_lock_dir(remote_dir, owner)
@@ -611,13 +749,20 @@ def refresh(args):
 
 
 def _heartbeat(remote_dir):
+    """Mark the lock as alive now: the file's time (wall clock) and, inside it, the boot id and uptime."""
     path = os.path.join(remote_dir, LOCK_NAME, HEARTBEAT_FILE)
+    boot, up = _boot_clock()
+    tmp = "%s.tmp-%s" % (path, _suffix())
     try:
-        with open(path, "a"):
-            pass
-        os.utime(path, None)
+        with open(tmp, "w") as f:
+            json.dump({"boot_id": boot, "uptime_s": up}, f)
+        os.rename(tmp, path)
     except (OSError, IOError):
-        pass  # a full disk must not fail the deploy; the holder's ttl still protects the lock
+        _unlink(tmp)
+        try:  # a full disk: at least the file's time moves
+            os.utime(path, None)
+        except OSError:
+            pass  # a full disk must not fail the deploy; the holder's ttl still protects the lock
 
 
 def unlock(args):
@@ -646,9 +791,87 @@ def _link_sha(remote_dir, name):
     return parts[-1] if len(parts) == 2 and parts[0] == "models" and _is_sha(parts[-1]) else None
 
 
+PREVIOUS_RECORD = "previous"  # models/<sha>/previous: the model that was current when <sha> was made current
+
+
+def _recorded_previous(remote_dir, sha):
+    """(True, sha256 or None) from ``models/<sha>/previous``; (False, None) when there is no readable record
+    (a model activated by an edgeq from before the record)."""
+    path = os.path.join(remote_dir, "models", sha, PREVIOUS_RECORD)
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False, None
+        with open(path) as f:
+            text = f.read(128).strip()
+    except (OSError, IOError, ValueError):
+        return False, None
+    if not text:
+        return True, None
+    return (True, text) if _is_sha(text) else (False, None)
+
+
+def _record_previous(remote_dir, sha, previous):
+    """Write ``models/<sha>/previous`` (temp file, fsync, rename): read only once ``current`` points at sha."""
+    folder = os.path.join(remote_dir, "models", sha)
+    safe_dir(folder, create=False)
+    path = os.path.join(folder, PREVIOUS_RECORD)
+    tmp = "%s.tmp-%s" % (path, _suffix())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write((previous or "") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, IOError) as exc:
+        _unlink(tmp)
+        raise RunnerError("cannot record the previous model in %s: %s" % (folder, exc.strerror or exc), "io")
+    _fsync_dir(folder)
+
+
+def _foreign(remote_dir):
+    """What ``current`` is when edgeq did not make it (a link outside models/, a file, a directory); else None."""
+    path = os.path.join(remote_dir, "current")
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISLNK(st.st_mode):
+        return "a directory" if stat.S_ISDIR(st.st_mode) else "a file, not a link"
+    if _link_sha(remote_dir, "current"):
+        return None
+    try:
+        return "a link to %s" % os.readlink(path)[:512]
+    except OSError:
+        return "a link"
+
+
 def activation_state(remote_dir):
-    """Which model ``current`` and ``previous`` point at (sha256 or None)."""
-    return {"current": _link_sha(remote_dir, "current"), "previous": _link_sha(remote_dir, "previous")}
+    """Which model is current and which previous (sha256 or None); ``foreign`` says what ``current`` is when
+    edgeq did not make it.
+
+    ``current`` (the link applications load) is the one commit point: the model it names carries its own
+    ``previous`` record, written before the switch, so one rename changes both. A model activated by an older
+    edgeq has no record; then the ``previous`` link is read (that layout keeps working)."""
+    current = _link_sha(remote_dir, "current")
+    doc = {"current": current, "previous": None}
+    known = False
+    if current:
+        known, doc["previous"] = _recorded_previous(remote_dir, current)
+    if not known:
+        doc["previous"] = _link_sha(remote_dir, "previous")
+    foreign = None if current else _foreign(remote_dir)
+    if foreign:
+        doc["foreign"] = foreign
+    return doc
+
+
+def _refuse_foreign(remote_dir, state, what):
+    if state.get("foreign"):
+        cur = os.path.join(remote_dir, "current")
+        raise RunnerError("%s is %s, not a model edgeq deployed; edgeq will not %s over it: move it aside "
+                          "(mv %s %s.mine) or use another --remote-dir" % (cur, state["foreign"], what, cur, cur),
+                          "foreign")
 
 
 def _new_link(remote_dir, name, sha):
@@ -673,25 +896,39 @@ def _switch(remote_dir, name, sha):
 
 
 def _switch_both(remote_dir, current_sha, previous_sha):
-    """Set current and previous together: both new links are made first (the step a full disk fails), so a
-    failure leaves both old links as they were; then two renames, which need no space."""
+    """Make ``current_sha`` current with ``previous_sha`` as its previous, in one atomic step.
+
+    Every new file is made first (the steps a full disk fails), so a failure changes nothing: the previous
+    record beside the new model (not read while that model is not current) and the new links. Then ``current``
+    is renamed over, the one commit: a crash before it leaves the old pair, after it the new pair. The
+    ``previous`` link is refreshed last, for readers of the older layout; the record is what counts."""
+    _record_previous(remote_dir, current_sha, previous_sha)
     new_cur = _new_link(remote_dir, "current", current_sha)
     new_prev = None
+    committed = False
     try:
         if previous_sha:
             new_prev = _new_link(remote_dir, "previous", previous_sha)
         os.replace(new_cur, os.path.join(remote_dir, "current"))
-        new_cur = None
-        if new_prev:
-            os.replace(new_prev, os.path.join(remote_dir, "previous"))
-            new_prev = None
+        committed = True
     except OSError as exc:
         raise RunnerError("cannot switch to %s: %s" % (current_sha[:12], exc.strerror or exc), "io")
     finally:
-        for tmp in (new_cur, new_prev):
-            if tmp:
-                _unlink(tmp)
-        _fsync_dir(remote_dir)
+        if not committed:
+            for tmp in (new_cur, new_prev):
+                if tmp:
+                    _unlink(tmp)
+    _fsync_dir(remote_dir)
+    prev_link = os.path.join(remote_dir, "previous")
+    try:
+        if new_prev:
+            os.replace(new_prev, prev_link)
+        elif os.path.islink(prev_link):
+            os.unlink(prev_link)
+    except OSError:
+        if new_prev:
+            _unlink(new_prev)
+    _fsync_dir(remote_dir)
 
 
 def _is_sha(text):
@@ -741,6 +978,7 @@ def activate(args):
     if actual != args.sha:
         raise RunnerError("%s does not match its sha256 (got %s); not activating it" % (model, actual), "checksum")
     before = activation_state(remote_dir)
+    _refuse_foreign(remote_dir, before, "activate a model")
     switched = before["current"] != args.sha
     if switched:
         _switch_both(remote_dir, args.sha, before["current"])
@@ -760,6 +998,7 @@ def rollback(args):
     remote_dir = safe_layout(_remote_dir(args.dir), create=False)
     _guard(remote_dir, args.token)
     before = activation_state(remote_dir)
+    _refuse_foreign(remote_dir, before, "roll back")
     prev = before["previous"]
     if not prev:
         raise RunnerError("there is no previous model in %s to roll back to" % remote_dir, "rollback")
@@ -808,13 +1047,24 @@ class _CaptureStderr(object):
         return False
 
 
-def _quantize(np, x, detail):
+def _quantize(np, x, detail, what="the input"):
+    """Eval values as the input tensor takes them: real values quantized into an int8/uint8/int16 tensor with a
+    scale; anything else (token ids into an int32 tensor, floats into a float tensor) passed through unchanged."""
     dtype = np.dtype(detail["dtype"])
     scale, zero = detail.get("quantization", (0.0, 0))
-    if dtype.kind in "iu" and scale:
+    if dtype.kind in "iu" and scale and dtype.itemsize <= 2:
         info = np.iinfo(dtype)
         q = np.round(x.astype(np.float32) / np.float32(scale) + zero)
         return np.clip(q, info.min, info.max).astype(dtype)
+    if dtype.kind in "iu" and x.dtype.kind in "iufb":
+        # Integer ids are never scaled; they must fit the tensor's type exactly (no silent wrap or truncation).
+        if x.dtype.kind == "f" and x.size and not np.all(np.isfinite(x) & (np.floor(x) == x)):
+            raise RunnerError("%s takes integers (%s) but the eval data hold fractional values" % (what, dtype.name),
+                              "data")
+        info = np.iinfo(dtype)
+        if x.size and (x.min() < info.min or x.max() > info.max):
+            raise RunnerError("%s takes %s but the eval data hold values from %s to %s"
+                              % (what, dtype.name, x.min(), x.max()), "data")
     return x.astype(dtype)
 
 
@@ -828,6 +1078,11 @@ def _dequantize(np, y, detail):
 def _random_input(np, rng, detail):
     dtype = np.dtype(detail["dtype"])
     shape = tuple(int(d) for d in detail["shape"])
+    scale = (detail.get("quantization") or (0.0, 0))[0]
+    if dtype.kind in "iu" and not scale:
+        # An integer input that is not quantized holds ids (token ids, indices): 0 is valid for every table;
+        # a random -128..127 would be an out-of-range gather.
+        return np.zeros(shape, dtype)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         return rng.randint(max(info.min, -128), min(info.max, 127) + 1, size=shape).astype(dtype)
@@ -840,6 +1095,175 @@ def _encode(np, array):
     array = np.ascontiguousarray(array, dtype=np.float32)
     return {"dtype": "float32", "shape": list(array.shape),
             "b64": base64.b64encode(array.astype("<f4").tobytes()).decode("ascii")}
+
+
+def _io_names(interp, details, kind):
+    """``{tensor index: [names]}`` for the model's inputs or outputs (``kind``), the signature's name first, then
+    the tensor's (without ``serving_default_`` and ``:0``), and the tensors in signature order where there is one."""
+    try:
+        sigs = interp._get_full_signature_list() or {}
+    except Exception:  # a runtime without signatures
+        sigs = {}
+    sig = {}
+    if len(sigs) == 1:
+        for key, index in (list(sigs.values())[0].get(kind) or {}).items():
+            sig[int(index)] = str(key)
+    names = {}
+    for d in details:
+        raw = str(d.get("name") or "")
+        short = raw.split(":")[0]
+        if short.startswith("serving_default_"):
+            short = short[len("serving_default_"):]
+        found = []
+        for n in (sig.get(int(d["index"])), short, raw):
+            if n and n not in found:
+                found.append(n)
+        names[int(d["index"])] = found or ["tensor %d" % int(d["index"])]
+    order = list(details)
+    if sig and set(sig) == set(int(d["index"]) for d in details):
+        position = dict((index, i) for i, index in enumerate(sig))
+        order.sort(key=lambda d: position[int(d["index"])])
+    return names, order
+
+
+def _is_label(key):
+    return key == "y" or key.startswith("y_")
+
+
+def _bind_inputs(inputs, names, data, path):
+    """``[(detail, array)]`` in input order: each eval array matched to a model input by name (``x``, or the
+    only array, for a single-input model); one-line errors for a missing, extra or mis-shaped array."""
+    chosen = {}
+    for d in inputs:
+        for n in names[int(d["index"])]:
+            if n in data:
+                chosen[int(d["index"])] = n
+                break
+    if len(inputs) == 1 and not chosen:
+        arrays = [k for k in data if not _is_label(k)]
+        if "x" in data:
+            chosen[int(inputs[0]["index"])] = "x"
+        elif len(arrays) == 1:
+            chosen[int(inputs[0]["index"])] = arrays[0]
+    wanted = ", ".join(repr(names[int(d["index"])][0]) for d in inputs)
+    missing = [names[int(d["index"])][0] for d in inputs if int(d["index"]) not in chosen]
+    if missing:
+        raise RunnerError("eval data %s have no array for model input %s (the model takes %s; the file holds %s): "
+                          "name one array after each input (or 'x' for a single-input model), labels 'y'"
+                          % (path, ", ".join(repr(m) for m in missing), wanted,
+                             ", ".join(repr(k) for k in data) or "nothing"), "data")
+    extra = [k for k in data if k not in chosen.values() and not _is_label(k)]
+    if extra:
+        raise RunnerError("eval data %s: array %r is no model input (the model takes %s; labels go in 'y')"
+                          % (path, extra[0], wanted), "data")
+    bound = []
+    count = None
+    for d in inputs:
+        key = chosen[int(d["index"])]
+        arr = data[key]
+        label = names[int(d["index"])][0]
+        if arr.ndim < 1 or arr.dtype.kind not in "iufb":
+            raise RunnerError("eval array %r in %s is not a numeric array with samples on the first axis"
+                              % (key, path), "data")
+        if count is None:
+            count = len(arr)
+        elif len(arr) != count:
+            raise RunnerError("eval arrays in %s hold different numbers of samples (%d and %d for %r)"
+                              % (path, count, len(arr), key), "data")
+        sig = [int(s) for s in d.get("shape_signature", d["shape"])][1:]
+        got = [int(s) for s in arr.shape[1:]]
+        if len(got) != len(sig) or any(w >= 0 and w != g for w, g in zip(sig, got)):
+            raise RunnerError("eval array %r in %s has samples of shape %s but model input %r takes %s "
+                              "(first axis = samples; -1 = any)" % (key, path, got, label, sig), "data")
+        bound.append((d, arr))
+    if not count:
+        raise RunnerError("eval data %s hold no samples" % path, "data")
+    return bound
+
+
+def _parse_shapes(specs, inputs, names):
+    """``--input-shape`` values (``1x32x32x3`` or ``NAME=1x32x32x3``) as ``{tensor index: shape}``."""
+    shapes = {}
+    for spec in specs or []:
+        label, _, dims = spec.rpartition("=")
+        try:
+            shape = [int(s) for s in dims.lower().split("x")]
+        except ValueError:
+            shape = []
+        if not shape or any(s < 1 or s > 1 << 20 for s in shape):
+            raise RunnerError("--input-shape %r is not a shape like 1x32x32x3" % spec, "usage")
+        if label:
+            match = [d for d in inputs if label in names[int(d["index"])]]
+        else:
+            match = list(inputs) if len(inputs) == 1 else []
+        if not match:
+            raise RunnerError("--input-shape %r names no model input (inputs: %s); use NAME=SHAPE" % (spec, ", ".join(
+                repr(names[int(d["index"])][0]) for d in inputs)), "usage")
+        shapes[int(match[0]["index"])] = shape
+    return shapes
+
+
+def _resize_inputs(interp, inputs, names, shapes, source):
+    """Resize (before ``allocate_tensors``) the inputs whose shape differs from ``shapes`` (``{index: shape}``);
+    a dynamic input left without a shape is an error. Returns the resize notes for the report."""
+    done = []
+    for d in inputs:
+        index = int(d["index"])
+        sig = [int(s) for s in d.get("shape_signature", d["shape"])]
+        current = [int(s) for s in d["shape"]]
+        label = names[index][0]
+        want = shapes.get(index)
+        if want is None:
+            if any(s < 0 for s in sig[1:]):
+                raise RunnerError("model input %r has a dynamic shape %s; give eval data (their samples set the "
+                                  "shape) or --input-shape %s" % (label, sig, "x".join(
+                                      str(s if s > 0 else 32) for s in [1] + sig[1:])), "data")
+            continue
+        if len(want) != len(sig) or any(w >= 0 and w != g for w, g in zip(sig[1:], want[1:])):
+            raise RunnerError("shape %s from %s does not fit model input %r (%s)" % (want, source, label, sig), "data")
+        if want != current:
+            try:
+                interp.resize_tensor_input(index, want)
+            except Exception as exc:
+                raise RunnerError("the runtime cannot resize input %r to %s: %s" % (label, want, _first_line(exc)),
+                                  "model")
+            done.append({"input": label, "shape": want, "from": sig, "source": source})
+    return done
+
+
+def _reset_state(interp):
+    """Reset variable tensors (a fused LSTM keeps its state in them across invocations); None if the runtime
+    cannot."""
+    reset = getattr(interp, "reset_all_variables", None)
+    if reset is None:
+        return None
+    reset()
+    return reset
+
+
+def _resource_variables(interp):
+    """True if the model keeps state in resource variables (VAR_HANDLE: a Keras ``stateful=True`` RNN), which
+    ``reset_all_variables`` does not reset: only a fresh interpreter starts from the initial state."""
+    get_ops = getattr(interp, "_get_ops_details", None)
+    if get_ops is None:
+        return False
+    try:
+        return any(str(op.get("op_name")) == "VAR_HANDLE" for op in get_ops()[:100000])
+    except Exception:  # a runtime whose op details are not what we expect
+        return False
+
+
+def _fresh(Interpreter, kwargs, bound):
+    """A new interpreter for the same model, at the input shapes of ``bound`` (the eval arrays)."""
+    def make():
+        interp = Interpreter(**kwargs)
+        for d, arr in bound:
+            want = [1] + [int(n) for n in arr.shape[1:]]
+            if want != [int(n) for n in d["shape"]]:
+                interp.resize_tensor_input(d["index"], want)
+        interp.allocate_tensors()
+        return interp
+    return make
 
 
 def run(args):
@@ -861,34 +1285,54 @@ def run(args):
         t0 = time.perf_counter()
         try:
             interp = Interpreter(**kwargs)
-            interp.allocate_tensors()
         except Exception as exc:
             raise RunnerError("the runtime could not load the model: %s" % (str(exc).strip().splitlines() or [""])[0],
                               "model")
         load_s = time.perf_counter() - t0
         inputs = interp.get_input_details()
-        outputs = interp.get_output_details()
+        in_names, _order = _io_names(interp, inputs, "inputs")
 
-        data_x = data_y = None
+        # Eval arrays are matched to inputs by name; a dynamic input takes its shape from them (or --input-shape).
+        bound = data = None
         if args.eval:
-            data_x, data_y = _load_eval(np, args.eval)
-            if len(inputs) != 1:
-                raise RunnerError("eval data need a model with one input; this one has %d" % len(inputs), "data")
-            want = tuple(int(d) for d in inputs[0]["shape"][1:])
-            if tuple(data_x.shape[1:]) != want:
-                raise RunnerError("eval x has samples of shape %s but the model input is %s"
-                                  % (list(data_x.shape[1:]), list(inputs[0]["shape"])), "data")
+            data = _load_eval(np, args.eval)
+            bound = _bind_inputs(inputs, in_names, data, args.eval)
+            shapes = dict((int(d["index"]), [1] + [int(s) for s in arr.shape[1:]]) for d, arr in bound)
+            resized = _resize_inputs(interp, inputs, in_names, shapes, "the eval data")
+        else:
+            resized = _resize_inputs(interp, inputs, in_names,
+                                     _parse_shapes(getattr(args, "input_shape", None), inputs, in_names),
+                                     "--input-shape")
+        # Allocated once the inputs have their shapes (a dynamic input cannot be allocated before).
+        t0 = time.perf_counter()
+        try:
+            interp.allocate_tensors()
+        except Exception as exc:
+            raise RunnerError("the runtime could not load the model%s: %s" % (
+                " at input shape " + ", ".join("%s %s" % (r["input"], "x".join(str(n) for n in r["shape"]))
+                                               for r in resized) if resized else "", _first_line(exc)), "model")
+        load_s += time.perf_counter() - t0
+        if resized:
+            inputs = interp.get_input_details()
+            if bound is not None:
+                by_index = dict((int(d["index"]), d) for d in inputs)
+                bound = [(by_index[int(d["index"])], arr) for d, arr in bound]
+        out_names, outputs = _io_names(interp, interp.get_output_details(), "outputs")
 
         rng = np.random.RandomState(0)
-        if data_x is not None and len(data_x):
-            feed = [_quantize(np, data_x[:1], inputs[0])]
+        _reset_state(interp)
+        if bound is not None:
+            feed = [_quantize(np, arr[:1], d, "model input %r" % in_names[int(d["index"])][0]) for d, arr in bound]
+            inputs_fed = [d for d, _arr in bound]
         else:
             feed = [_random_input(np, rng, d) for d in inputs]
-        for d, value in zip(inputs, feed):
+            inputs_fed = inputs
+        for d, value in zip(inputs_fed, feed):
             interp.set_tensor(d["index"], value)
         t0 = time.perf_counter()
         _invoke(interp, "the first inference")
         first_s = time.perf_counter() - t0
+        delegate = _delegation(interp, None if args.no_xnnpack else "xnnpack")
     log = cap.text
     xnnpack_active = ("XNNPACK delegate" in log) if log else None
 
@@ -944,13 +1388,61 @@ def run(args):
         "warmup_runs": warmup_runs,
         "samples_ms": [round(s * 1e3, 5) for s in samples],
         "runtime_log": log[-4000:],
+        "delegate": delegate,
     }
 
-    if data_x is not None:
-        result["eval"] = _evaluate(np, interp, inputs, outputs, data_x, data_y, args.max_outputs,
-                                   args.max_eval_seconds)
+    if resized:
+        result["resized"] = resized
+    if bound is not None:
+        reload = _fresh(Interpreter, kwargs, bound) if _resource_variables(interp) else None
+        result["eval"] = _evaluate(np, interp, bound, outputs, out_names, in_names, data.get("y"), args.max_outputs,
+                                   args.max_eval_seconds, reload)
     result["peak_rss_bytes"] = _peak_rss()
     return result
+
+
+def _delegation(interp, requested):
+    """What a delegate really took, from the interpreter's op details (as ``edgeq.micro.delegated_nodes``).
+
+    After the first inference the details list the model's own nodes, then one
+    ``DELEGATE`` node per partition a delegate took; a node belongs to a
+    partition when it is reached walking back from the partition's outputs
+    without crossing its inputs. A runtime that does not list its nodes
+    (no ``_get_ops_details``) gives ``applied: null``: unknown, not false.
+    """
+    doc = {"requested": requested, "applied": None, "delegated_nodes": None, "nodes": None, "partitions": None}
+    get = getattr(interp, "_get_ops_details", None)
+    if get is None:
+        return doc
+    try:
+        ops = get()
+        own = [o for o in ops if o.get("op_name") != "DELEGATE"]
+        parts = [o for o in ops if o.get("op_name") == "DELEGATE"]
+        producer = {}
+        inputs = {}
+        for o in own:
+            inputs[int(o["index"])] = [int(t) for t in o["inputs"] if int(t) >= 0]
+            for t in o["outputs"]:
+                producer[int(t)] = int(o["index"])
+        taken = set()
+        for part in parts:
+            boundary = set(int(t) for t in part["inputs"])
+            stack = [int(t) for t in part["outputs"]]
+            seen = set()
+            while stack:
+                t = stack.pop()
+                if t in seen or t in boundary or t not in producer:
+                    continue
+                seen.add(t)
+                node = producer[t]
+                if node not in taken:
+                    taken.add(node)
+                    stack.extend(inputs[node])
+    except Exception:  # a runtime whose op details differ: unknown, never a failed run
+        return doc
+    doc.update({"applied": bool(taken), "delegated_nodes": len(taken), "nodes": len(own),
+                "partitions": len(parts)})
+    return doc
 
 
 def _first_line(exc):
@@ -965,58 +1457,146 @@ def _invoke(interp, what):
         raise RunnerError("%s failed: %s" % (what, _first_line(exc)), "model")
 
 
-def _load_eval(np, path):
+def _eval_limit():
+    """Bytes of eval arrays the runner loads at most: NPZ_MAX_BYTES, and at most half the memory available."""
+    limit = NPZ_MAX_BYTES
+    _total, available = _meminfo()
+    if available:
+        limit = min(limit, available // 2)
+    return limit
+
+
+def _npy_declared_bytes(path, limit):
+    """Bytes a plain .npy file declares in its header (read without numpy allocating anything)."""
+    import ast
+    import re
+    import struct
+
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise RunnerError("eval data %s is not an .npz archive" % path, "data")
-            if "x" not in data.files:
-                raise RunnerError("eval data %s has no array 'x'" % path, "data")
-            x = data["x"]
-            y = data["y"] if "y" in data.files else None
+        with open(path, "rb") as f:
+            magic = f.read(8)
+            if len(magic) < 8 or magic[:6] != b"\x93NUMPY" or magic[6:7] not in (b"\x01", b"\x02", b"\x03"):
+                raise RunnerError("eval data %s is neither an .npz archive nor an .npy array" % path, "data")
+            fmt = "<H" if magic[6:7] == b"\x01" else "<I"
+            size = struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+            if size > 10000:
+                raise RunnerError("eval data %s has a %d-byte header" % (path, size), "data")
+            header = ast.literal_eval(f.read(size).decode("latin1"))
+            holds = os.fstat(f.fileno()).st_size - f.tell()
     except RunnerError:
+        raise
+    except Exception as exc:
+        raise RunnerError("cannot read eval data %s: %s" % (path, _first_line(exc)), "data")
+    descr = header.get("descr") if isinstance(header, dict) else None
+    shape = header.get("shape") if isinstance(header, dict) else None
+    m = re.match(r"^[<>|=]?([iufb])(\d+)$", descr) if isinstance(descr, str) else None
+    if m is None or not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise RunnerError("eval data %s is not a plain numeric array" % path, "data")
+    declared = int(m.group(2))
+    for d in shape:
+        declared *= d
+    if declared > holds or declared > limit:
+        raise RunnerError("eval data %s: the array declares %d bytes (the file holds %d, the runner loads at most "
+                          "%d)" % (path, declared, holds, limit), "data")
+    return declared
+
+
+def _load_eval(np, path):
+    """``{name: array}`` from an eval .npz (``{"x": array}`` from an .npy); the sizes the arrays declare are checked
+    against what the runner loads before numpy allocates any of them."""
+    import zipfile
+
+    limit = _eval_limit()
+    try:
+        archive = zipfile.is_zipfile(path)
+    except (OSError, IOError) as exc:
+        raise RunnerError("cannot read eval data %s: %s" % (path, _first_line(exc)), "data")
+    if archive:
+        _npz_declared_bytes(path, limit)
+    else:
+        _npy_declared_bytes(path, limit)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if hasattr(loaded, "files"):
+            with loaded as npz:
+                data = dict((k, npz[k]) for k in npz.files)
+        else:
+            data = {"x": loaded}
+    except RunnerError:
+        raise
+    except MemoryError:
         raise
     except Exception as exc:  # a corrupt zip, an object array, a truncated file
         raise RunnerError("cannot read eval data %s: %s" % (path, _first_line(exc)), "data")
-    if x.ndim < 1 or x.dtype.kind not in "iufb":
-        raise RunnerError("eval x in %s is not a numeric array with samples on the first axis" % path, "data")
-    if y is not None and (y.ndim < 1 or y.dtype.kind not in "iufb"):
-        raise RunnerError("eval y in %s is not a numeric array" % path, "data")
-    return x, y
+    for key, arr in data.items():
+        if not hasattr(arr, "dtype") or arr.ndim < 1 or arr.dtype.kind not in "iufb":
+            raise RunnerError("eval array %r in %s is not a numeric array with samples on the first axis"
+                              % (key, path), "data")
+    return data
 
 
-def _evaluate(np, interp, inputs, outputs, x, y, max_outputs, max_seconds=None):
-    out0 = outputs[0]
-    collected = []
+def _legacy_metrics(np, ev, preds, y):
+    """Accuracy / MAE of a single-output model against labels 'y' (what the rollout gate reads on the device)."""
+    if y is None or len(y) != len(preds):
+        return
+    flat = preds.reshape(len(preds), -1)
+    if y.dtype.kind in "iub" and flat.shape[1] > 1 and y.ndim == 1:
+        ev["task"] = "classification"
+        ev["accuracy"] = float(np.mean(np.argmax(flat, axis=1) == y.astype(np.int64)))
+    elif y.ndim == 2 and y.shape[1] == flat.shape[1] and flat.shape[1] > 1 and y.dtype.kind in "iub":
+        ev["task"] = "classification"
+        ev["accuracy"] = float(np.mean(np.argmax(flat, axis=1) == np.argmax(y, axis=1)))
+    elif y.size == flat.size:
+        ev["task"] = "regression"
+        ev["mae"] = float(np.mean(np.abs(flat - y.reshape(len(y), -1).astype(np.float32))))
+
+
+def _evaluate(np, interp, bound, outputs, names, in_names, y, max_outputs, max_seconds=None, reload=None):
+    """Run every eval sample (variable tensors reset before each, or with ``reload`` a fresh interpreter for
+    each: samples are independent) and return every output, dequantized, for as many samples as
+    ``max_outputs`` values allow; the host judges them."""
+    count = len(bound[0][1])
+    kept = [[] for _ in outputs]
+    shapes = [None for _ in outputs]
+    first = []
+    rows = None
+    reset = None
     t0 = time.perf_counter()
-    for i in range(len(x)):
+    for i in range(count):
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
             raise RunnerError("evaluation took longer than its cap of %g s (%d of %d samples done); use fewer "
-                              "eval samples or raise the cap" % (max_seconds, i, len(x)), "eval_timeout")
-        interp.set_tensor(inputs[0]["index"], _quantize(np, x[i:i + 1], inputs[0]))
+                              "eval samples or raise the cap" % (max_seconds, i, count), "eval_timeout")
+        if reload is not None:
+            try:
+                interp = reload()
+            except Exception as exc:
+                raise RunnerError("reloading the model for eval sample %d failed: %s" % (i, _first_line(exc)),
+                                  "model")
+        reset = _reset_state(interp)
+        for d, arr in bound:
+            interp.set_tensor(d["index"], _quantize(np, arr[i:i + 1], d, "model input %r" % in_names[int(d["index"])][0]))
         _invoke(interp, "inference on eval sample %d" % i)
-        collected.append(_dequantize(np, interp.get_tensor(out0["index"]), out0)[0])
+        values = [_dequantize(np, interp.get_tensor(o["index"]), o)[0] for o in outputs]
+        if rows is None:
+            # Bounded output: at most max_outputs values in all (the host keeps only so much of stdout).
+            shapes = [v.shape for v in values]
+            rows = max(0, max_outputs // max(1, sum(max(1, v.size) for v in values)))
+        if i < rows:
+            for j, v in enumerate(values):
+                kept[j].append(v)
+        if len(outputs) == 1:
+            first.append(values[0])
     elapsed = time.perf_counter() - t0
-    preds = np.stack(collected) if collected else np.zeros((0,), np.float32)
-    ev = {"samples": int(len(x)), "seconds": elapsed, "accuracy": None, "mae": None, "task": None}
-    if y is not None and len(y) == len(x):
-        flat = preds.reshape(len(preds), -1)
-        if y.dtype.kind in "iub" and flat.shape[1] > 1 and y.ndim == 1:
-            ev["task"] = "classification"
-            ev["accuracy"] = float(np.mean(np.argmax(flat, axis=1) == y.astype(np.int64)))
-        elif y.ndim == 2 and y.shape[1] == flat.shape[1] and flat.shape[1] > 1 and y.dtype.kind in "iub":
-            ev["task"] = "classification"
-            ev["accuracy"] = float(np.mean(np.argmax(flat, axis=1) == np.argmax(y, axis=1)))
-        else:
-            ev["task"] = "regression"
-            ev["mae"] = float(np.mean(np.abs(flat - y.reshape(len(y), -1).astype(np.float32))))
-    # Bounded output: at most max_outputs values in all (the host keeps only so much of stdout).
-    per = int(np.prod(preds.shape[1:])) if preds.ndim > 1 else 1
-    rows = max(0, max_outputs // max(1, per))
-    if len(preds) <= rows:
-        ev["outputs"] = _encode(np, preds)
-    else:
-        ev["outputs"] = _encode(np, preds[:rows])
+    ev = {"samples": int(count), "seconds": elapsed, "accuracy": None, "mae": None, "task": None,
+          "state_reset": reset is not None, "state_reload": reload is not None, "rows": int(min(rows or 0, count)),
+          "per_output": []}
+    if len(outputs) == 1 and first:
+        _legacy_metrics(np, ev, np.stack(first), y)
+    for j, o in enumerate(outputs):
+        arr = np.stack(kept[j]) if kept[j] else np.zeros((0,) + tuple(shapes[j] or ()), np.float32)
+        ev["per_output"].append({"name": names[int(o["index"])][0], "tensor": str(o.get("name") or "")[:1024],
+                                 "outputs": _encode(np, arr)})
+    if ev["rows"] < count:
         ev["outputs_truncated"] = True
     return ev
 
@@ -1039,20 +1619,23 @@ def layers(args):
     with _CaptureStderr():
         try:
             interp = Interpreter(**kwargs)
-            interp.allocate_tensors()
         except TypeError:
             raise RunnerError("%s %s cannot keep intermediate tensors" % (name, version), "usage")
         except Exception as exc:
             raise RunnerError("the runtime could not load the model: %s" % _first_line(exc), "model")
-    inputs = interp.get_input_details()
-    if len(inputs) != 1:
-        raise RunnerError("the layer diff needs a model with one input; this one has %d" % len(inputs), "data")
-    x, _y = _load_eval(np, args.eval)
-    want = tuple(int(d) for d in inputs[0]["shape"][1:])
-    if tuple(x.shape[1:]) != want:
-        raise RunnerError("eval x has samples of shape %s but the model input is %s"
-                          % (list(x.shape[1:]), list(inputs[0]["shape"])), "data")
-    count = max(0, min(args.count, len(x)))
+        inputs = interp.get_input_details()
+        in_names, _order = _io_names(interp, inputs, "inputs")
+        bound = _bind_inputs(inputs, in_names, _load_eval(np, args.eval), args.eval)
+        shapes = dict((int(d["index"]), [1] + [int(s) for s in arr.shape[1:]]) for d, arr in bound)
+        resized = _resize_inputs(interp, inputs, in_names, shapes, "the eval data")
+        try:
+            interp.allocate_tensors()
+        except Exception as exc:
+            raise RunnerError("the runtime could not load the model: %s" % _first_line(exc), "model")
+    if resized:
+        by_index = dict((int(d["index"]), d) for d in interp.get_input_details())
+        bound = [(by_index[int(d["index"])], arr) for d, arr in bound]
+    count = max(0, min(args.count, len(bound[0][1])))
     details = dict((d["index"], d) for d in interp.get_tensor_details())
     known = set(details)
     ops = []
@@ -1072,7 +1655,9 @@ def layers(args):
     values = dict((t, []) for t in wanted)
     total = 0
     for i in range(count):
-        interp.set_tensor(inputs[0]["index"], _quantize(np, x[i:i + 1], inputs[0]))
+        _reset_state(interp)
+        for d, arr in bound:
+            interp.set_tensor(d["index"], _quantize(np, arr[i:i + 1], d, "model input %r" % in_names[int(d["index"])][0]))
         _invoke(interp, "inference on eval sample %d" % i)
         for t in wanted:
             try:
@@ -1182,6 +1767,7 @@ def _parser():
     r.add_argument("--eval-only", action="store_true")
     r.add_argument("--max-outputs", type=int, default=100000)
     r.add_argument("--max-eval-seconds", type=float)
+    r.add_argument("--input-shape", action="append", help="NAME=1x32x32x3 (or 1x32x32x3): a dynamic input's shape")
     r.add_argument("--deadline", type=float, help="seconds after which the runner kills itself")
     r.add_argument("--dir")
     r.add_argument("--token")
@@ -1204,9 +1790,19 @@ def _self_deadline(seconds):
     signal.setitimer(signal.ITIMER_REAL, seconds)
 
 
+def _stdin_args(argv):
+    """The command line's arguments, then those the host sent ahead of this file (``EDGEQ_ARGS``)."""
+    extra = globals().get("EDGEQ_ARGS")
+    if extra is None:
+        return argv
+    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+        raise RunnerError("EDGEQ_ARGS is not a list of strings", "usage")
+    return argv + extra
+
+
 def main(argv=None):
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_args(_stdin_args(sys.argv[1:]) if argv is None else argv)
         if getattr(args, "deadline", None):
             _self_deadline(args.deadline)
         modes = {"probe": probe, "install": install, "lock": lock, "unlock": unlock, "refresh": refresh,

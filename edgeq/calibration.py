@@ -4,7 +4,8 @@ A data source is one of:
 
 * ``.npy``: one array, first axis = samples (single-input models);
 * ``.npz``: one array per model input name, or ``x`` (single input), plus an
-  optional ``y`` with labels;
+  optional ``y`` with labels and optional ``y_<output name>`` with labels for
+  one output of a model with several (``edgeq.fidelity.assign_labels``);
 * a directory of images (``.png``, ``.jpg``, ...), resized to the model input
   with Pillow; images in sub-directories get the sorted sub-directory index as
   their label;
@@ -19,6 +20,7 @@ signature; every problem is a ``DataError`` naming the source and input.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +101,8 @@ class Dataset:
     labels: Optional[np.ndarray] = field(default=None, repr=False)
     available: int = 0  # samples in the source before sampling
     indices: tuple[int, ...] = field(default=(), repr=False)  # which source samples were drawn
+    # Labels for one output each (``y_<output name>`` in an .npz), drawn like ``labels``.
+    output_labels: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return int(self.arrays[0].shape[0]) if self.arrays else 0
@@ -117,7 +121,8 @@ class Dataset:
             "kind": self.kind,
             "samples": len(self),
             "available": self.available,
-            "has_labels": self.labels is not None,
+            "has_labels": self.labels is not None or bool(self.output_labels),
+            **({"output_labels": sorted(self.output_labels)} if self.output_labels else {}),
             "inputs": {n: list(a.shape[1:]) for n, a in zip(self.names, self.arrays)},
         }
 
@@ -135,6 +140,7 @@ def load_dataset(
     """
     if not inputs:
         raise DataError("the model has no inputs to feed")
+    output_labels: dict[str, np.ndarray] = {}
     src = str(source)
     path = Path(src)
     if path.is_dir():
@@ -146,8 +152,14 @@ def load_dataset(
         available, indices, arrays, labels = _draw(arrays, labels, options)
     elif path.suffix.lower() == ".npz":
         kind = "npz"
-        arrays, labels = _load_npz(path, inputs, role)
+        arrays, labels, output_labels = _load_npz(path, inputs, role)
+        for key, y in output_labels.items():
+            if y.ndim == 0 or y.shape[0] != arrays[0].shape[0]:
+                raise DataError(f"{role} data {src}: 'y_{key}' holds {y.shape[0] if y.ndim else 0} labels for "
+                                f"{arrays[0].shape[0] if arrays[0].ndim else 0} samples",
+                                "give one label per sample")
         available, indices, arrays, labels = _draw(arrays, labels, options)
+        output_labels = {k: y[indices] for k, y in output_labels.items()}
     elif _looks_like_function(src) and not path.exists():
         kind = "function"
         arrays, labels = _load_function(src, inputs, role)
@@ -179,6 +191,8 @@ def load_dataset(
                 "give one label per sample in 'y'",
             )
         labels.setflags(write=False)
+    for y in output_labels.values():
+        y.setflags(write=False)
     return Dataset(
         source=src,
         kind=kind,
@@ -187,6 +201,7 @@ def load_dataset(
         labels=labels,
         available=available,
         indices=tuple(int(i) for i in indices),
+        output_labels=output_labels,
     )
 
 
@@ -205,6 +220,72 @@ def parse_floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]
     if option == "--std" and 0.0 in values:
         raise UsageError("--std cannot be 0 (it divides the data)", "use 1 to leave a channel's scale alone")
     return values
+
+
+MAX_INPUT_DIM = 1 << 16  # one dimension of an --input-shape
+
+
+def parse_input_shape(text: str) -> tuple[Optional[str], tuple[int, ...]]:
+    """``"NAME:1x32x32x3"`` or ``"1x32x32x3"`` (the only input) for ``--input-shape``: (name or None, shape)."""
+    name, _, dims = text.rpartition(":")
+    parts = dims.lower().split("x")
+    if not dims or not all(re.fullmatch(r"[0-9]{1,9}", p.strip()) for p in parts):
+        raise UsageError(f"--input-shape takes NAME:1xHxWxC (or 1xHxWxC for a single-input model), got '{text}'",
+                         "e.g. --input-shape image:1x96x96x3")
+    shape = tuple(int(p) for p in parts)
+    if not 1 <= len(shape) <= 8 or not all(1 <= d <= MAX_INPUT_DIM for d in shape):
+        raise UsageError(f"--input-shape {text}: each of 1 to 8 dimensions must be between 1 and {MAX_INPUT_DIM}")
+    if shape[0] != 1:
+        raise UsageError(f"--input-shape {text}: the first (batch) dimension must be 1",
+                         "edgeq exports and runs models with a batch of one sample")
+    return (name.strip() or None), shape
+
+
+def concrete_inputs(
+    inputs: Sequence[InputSpec],
+    given: Sequence[tuple[Optional[str], tuple[int, ...]]] = (),
+    data: Optional[Dataset] = None,
+) -> tuple[tuple[InputSpec, ...], tuple[dict[str, Any], ...]]:
+    """Give inputs with unknown dims (other than the batch) a concrete shape, and say where it came from.
+
+    ``given`` (``--input-shape``) comes first; else the shape of ``data``'s samples.
+    Returns the specs (batch 1 where a shape was set) and one record per input
+    that was made concrete: ``{"name", "model_shape", "shape", "source"}``.
+    Raises ``UsageError`` for a shape that names no input or does not fit one.
+    """
+    by_name: dict[str, tuple[int, ...]] = {}
+    for name, shape in given:
+        if name is None:
+            if len(inputs) != 1:
+                raise UsageError(f"--input-shape {'x'.join(map(str, shape))} names no input, but the model has "
+                                 f"{len(inputs)} ({', '.join(s.name for s in inputs)})", "write NAME:1xHxWxC")
+            name = inputs[0].name
+        if name not in {s.name for s in inputs}:
+            raise UsageError(f"--input-shape names input '{name}', which the model does not have",
+                             f"the inputs are {', '.join(s.name for s in inputs)}")
+        by_name[name] = shape
+    specs, records = [], []
+    for spec in inputs:
+        dynamic = any(d is None for d in spec.shape[1:])
+        shape: Optional[tuple[int, ...]] = None
+        source = ""
+        if spec.name in by_name:
+            shape, source = by_name[spec.name], "--input-shape"
+            fits = len(shape) == len(spec.shape) and all(e is None or e == g for e, g in zip(spec.shape[1:], shape[1:]))
+            if not fits:
+                raise UsageError(f"--input-shape {spec.name}:{'x'.join(map(str, shape))} does not fit the model's "
+                                 f"input {_fmt_shape(spec.shape)}", "keep the model's known dimensions")
+        elif dynamic and data is not None and spec.name in data.names:
+            arr = data.arrays[data.names.index(spec.name)]
+            shape, source = (1,) + tuple(int(d) for d in arr.shape[1:]), "calibration data"
+        if shape is None or (not dynamic and source != "--input-shape"):
+            specs.append(spec)
+            continue
+        specs.append(InputSpec(spec.name, shape, spec.dtype))
+        if dynamic:
+            records.append({"name": spec.name, "model_shape": [-1 if d is None else d for d in spec.shape],
+                            "shape": list(shape), "source": source})
+    return tuple(specs), tuple(records)
 
 
 # ---------------------------------------------------------------- loaders
@@ -234,11 +315,14 @@ def _load_npy(path: Path, inputs: Sequence[InputSpec], role: str) -> tuple[list[
     return [arr], None
 
 
-def _load_npz(path: Path, inputs: Sequence[InputSpec], role: str) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+def _load_npz(path: Path, inputs: Sequence[InputSpec],
+              role: str) -> tuple[list[np.ndarray], Optional[np.ndarray], dict[str, np.ndarray]]:
     with _read_numpy(path, role) as npz:
         keys = list(npz.files)
         names = [s.name for s in inputs]
-        data_keys = [k for k in keys if k != "y"]
+        # y_<output name>: labels for one output (never an input's array, whatever its name).
+        label_keys = [k for k in keys if k.startswith("y_") and k not in names]
+        data_keys = [k for k in keys if k != "y" and k not in label_keys]
         if all(n in keys for n in names):
             chosen = names
         elif len(inputs) == 1 and "x" in keys:
@@ -254,11 +338,12 @@ def _load_npz(path: Path, inputs: Sequence[InputSpec], role: str) -> tuple[list[
         try:
             arrays = [npz[k] for k in chosen]
             labels = npz["y"] if "y" in keys else None
+            output_labels = {k[2:]: npz[k] for k in label_keys}
         except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"{role} data {path}: cannot read arrays ({exc})") from None
         except MemoryError:
             raise DataError(f"{role} data {path}: not enough memory to load its arrays", "use a smaller file") from None
-    return arrays, labels
+    return arrays, labels, output_labels
 
 
 def _declared_bytes(fp: Any) -> int:
@@ -274,26 +359,46 @@ def _declared_bytes(fp: Any) -> int:
     return n * dtype.itemsize
 
 
-def _check_sizes(path: Path, role: str) -> None:
-    """Refuse an .npy/.npz whose headers declare more data than the file holds (before numpy allocates it)."""
+# What a .npy/.npz may declare once loaded (its headers are read before numpy allocates anything).
+# Calibration and evaluation sets are a few hundred samples: 2 GiB is far past any of them.
+MAX_DATA_BYTES = 2 << 30
+# A member that expands more than NPZ_MAX_RATIO times past NPZ_BOMB_FLOOR bytes is a zip bomb: real
+# samples (images, features) compress a few times; zeros compress a thousand times.
+NPZ_BOMB_FLOOR = 64 << 20
+NPZ_MAX_RATIO = 100
+
+
+def check_numpy_sizes(path: str | Path, role: str, limit: int = MAX_DATA_BYTES) -> int:
+    """Bytes the arrays of an .npy/.npz declare, read from their headers without loading any data.
+
+    ``DataError`` naming the file, the array and the sizes when a header declares more than the
+    file holds, a member expands like a zip bomb, or the total passes ``limit``.
+    """
     import zipfile
 
+    path = Path(path)
+    total = 0
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 for info in z.infolist():
                     if not info.filename.endswith(".npy"):
                         continue
-                    if info.file_size > 256 * 1024 * 1024 and info.file_size > 1000 * max(info.compress_size, 1):
-                        raise DataError(f"{role} data {path}: array {info.filename[:-4]!r} expands from "
+                    name = info.filename[:-4]
+                    if info.file_size > NPZ_BOMB_FLOOR and info.file_size > NPZ_MAX_RATIO * max(info.compress_size, 1):
+                        raise DataError(f"{role} data {path}: array {name!r} expands from "
                                         f"{info.compress_size} to {info.file_size} bytes (a zip bomb?)",
                                         "save it with numpy.savez (uncompressed) or check where it came from")
                     with z.open(info) as member:
                         declared = _declared_bytes(member)
                         holds = info.file_size - member.tell()
                     if declared > holds:
-                        raise DataError(f"{role} data {path}: array {info.filename[:-4]!r} declares {declared} bytes "
+                        raise DataError(f"{role} data {path}: array {name!r} declares {declared} bytes "
                                         f"but holds {holds}", "the file is damaged or crafted; save it again")
+                    total += declared
+                    if total > limit:
+                        raise DataError(f"{role} data {path}: its arrays declare {total} bytes by array {name!r}, "
+                                        f"more than the limit of {limit}", "use fewer samples (a smaller file)")
         else:
             with open(path, "rb") as f:
                 declared = _declared_bytes(f)
@@ -301,16 +406,21 @@ def _check_sizes(path: Path, role: str) -> None:
             if declared > holds:
                 raise DataError(f"{role} data {path}: the array declares {declared} bytes but the file holds {holds}",
                                 "the file is damaged or crafted; save it again")
+            total = declared
+            if total > limit:
+                raise DataError(f"{role} data {path}: the array declares {total} bytes, more than the limit of "
+                                f"{limit}", "use fewer samples (a smaller file)")
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, SyntaxError, TypeError) as exc:
         raise DataError(f"{role} data {path} is not a readable NumPy file ({type(exc).__name__}: {exc})",
                         "save it with numpy.save / numpy.savez") from None
+    return total
 
 
 def _read_numpy(path: Path, role: str) -> Any:
     if path.is_file():
-        _check_sizes(path, role)
+        check_numpy_sizes(path, role)
     try:
         return np.load(path, allow_pickle=False)
     except MemoryError:
@@ -365,7 +475,7 @@ def _load_images(
         raise DataError(
             f"{role} data {path}: images need a model input of shape (height, width, channels), "
             f"input '{spec.name}' has {_fmt_shape(shape)}",
-            "give an .npy with samples of the right shape",
+            "give an .npy with samples of the right shape, or the size with --input-shape NAME:1xHxWxC",
         )
     height, width, channels = shape
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -552,6 +662,8 @@ def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
 def _normalise(arr: np.ndarray, options: DataOptions, spec: InputSpec, src: str) -> np.ndarray:
     if options.scale is None and options.mean is None and options.std is None:
         return arr
+    if np.dtype(spec.dtype).kind in "biu":
+        return arr  # an integer model input (token ids, indices) is data, not a signal to normalise
     if arr.dtype.kind != "f":
         raise DataError(f"--mean/--std/--scale need a float model input; '{spec.name}' is {arr.dtype}")
     out = arr.astype(np.float32)

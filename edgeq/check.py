@@ -13,9 +13,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from edgeq.micro import Measurement, measure_arena, measure_litert
+from edgeq.micro import Measurement, measure_arena, measure_litert, package_version
 from edgeq.targets import TargetProfile
 from edgeq.tflite_file import Operator, Subgraph, TfliteModel
+
+# TFLite Micro's int8 Softmax stops in Prepare (a TFLITE_CHECK: abort() on the host and on the device)
+# unless beta x input scale x 2^26 > 1 (softmax_common.cc: PreprocessSoftmaxScaling with 5 integer bits,
+# then QuantizeMultiplierGreaterThanOne). Keras' Softmax converts with beta = 1.
+TFLM_SOFTMAX_MIN_SCALE = 1.0 / (1 << 26)
 
 # Recommended arena = measured arena x (1 + margin), rounded up to 16 bytes.
 # The margin covers optimized kernels (CMSIS-NN, ESP-NN) asking for scratch
@@ -41,6 +46,9 @@ class CheckOptions:
     invoke: bool = True  # and run one inference on zeros there
     timeout_s: float = 120.0
     arena_margin: float = DEFAULT_ARENA_MARGIN
+    # Shapes for inputs with unknown dims (shape_signature -1): (input name or None for the only input, shape).
+    # Without them a model with unknown dims is checked at the placeholder shape stored in the file.
+    input_shapes: tuple[tuple[Optional[str], tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,11 @@ class CheckResult:
     per_op: tuple[OpMacs, ...] = field(repr=False)
     estimate: dict[str, Any] = field(default_factory=dict)
     acceleration: dict[str, Any] = field(default_factory=dict)
+    # Inputs with unknown dims: the shape the figures are at, and where it came from.
+    input_shapes: tuple[dict[str, Any], ...] = ()
+    # TRANSPOSE ops (left by NCHW -> NHWC layout conversions) and their estimated cost on the target
+    # (edgeq.torch_convert.transpose_report).
+    layout: dict[str, Any] = field(default_factory=dict)
 
     @property
     def arena_bytes(self) -> Optional[int]:
@@ -121,6 +134,8 @@ class CheckResult:
             "macs": self.macs,
             "estimate": self.estimate,
             "acceleration": self.acceleration,
+            "input_shapes": list(self.input_shapes),
+            "layout": self.layout,
         }
 
     def summary_lines(self) -> list[str]:
@@ -131,6 +146,9 @@ class CheckResult:
             lines.append(f"  violation [{f.code}] {f.message}" + (f" ({f.hint})" if f.hint else ""))
         for f in self.warnings:
             lines.append(f"  warning [{f.code}] {f.message}")
+        for r in self.input_shapes:
+            lines.append(f"  input {r['name']} has unknown dims: figures at {'x'.join(str(d) for d in r['shape'])} "
+                         f"({r['source']})")
         m = self.memory
         lines.append(f"  flash: {_fmt_bytes(m['flash_needed_bytes'])} needed (model {_fmt_bytes(m['model_bytes'])}"
                      f" + runtime {_fmt_bytes(m['runtime_flash_bytes'])}) of {_fmt_bytes(m['flash_budget_bytes'])}")
@@ -138,6 +156,9 @@ class CheckResult:
             lines.append(f"  RAM: arena {_fmt_bytes(m['arena_bytes'])} measured by TFLite Micro, recommend "
                          f"{_fmt_bytes(m['recommended_arena_bytes'])} (+{round(m['arena_margin'] * 100)}%) of "
                          f"{_fmt_bytes(m['ram_budget_bytes'])}")
+        elif m.get("estimated_arena_bytes") is not None:
+            lines.append(f"  RAM: arena not measured; the activations alone need about "
+                         f"{_fmt_bytes(m['estimated_arena_bytes'])} (estimated) of {_fmt_bytes(m['ram_budget_bytes'])}")
         elif m.get("interpreter_bytes") is not None:
             lines.append(f"  RAM: interpreter {_fmt_bytes(m['interpreter_bytes'])} on this host of "
                          f"{_fmt_bytes(m['ram_budget_bytes'])}")
@@ -154,6 +175,9 @@ class CheckResult:
         if self.estimate.get("latency_ms") is not None:
             lines.append(f"  latency estimate: ~{self.estimate['latency_ms']:.3g} ms "
                          f"({self.estimate['basis']}; not a measurement)")
+        if self.layout.get("count"):
+            lines.append(f"  layout: {self.layout['count']} TRANSPOSE op(s) move {_fmt_count(self.layout['elements'])} "
+                         f"elements, ~{self.layout['estimated_ms']:.3g} ms on the target (estimate)")
         return lines
 
 
@@ -246,10 +270,119 @@ def _scheme(model: TfliteModel) -> str:
 
 
 def check_model(model: TfliteModel, target: TargetProfile, options: Optional[CheckOptions] = None) -> CheckResult:
-    """Check ``model`` against ``target`` and report every violation and warning at once."""
+    """Check ``model`` against ``target`` and report every violation and warning at once.
+
+    A model with unknown input dims (shape_signature -1) is checked at
+    ``options.input_shapes`` (shapes propagated by LiteRT in a child, the file's
+    stored shapes rewritten for TFLite Micro), or else at the placeholder
+    shape stored in the file, with a warning saying so.
+    """
     opts = options or CheckOptions()
+    # An unknown batch alone is not worth a word: edgeq and the devices run one sample at a time.
+    dynamic = [t for t in model.inputs if any(d < 0 for d in t.shape_signature[1:])]
+    given = _match_input_shapes(model, opts.input_shapes)
+    notes: list[Finding] = []
+    records = []
+    for t in dynamic:
+        if t.index not in given:
+            stored = "x".join(str(d) for d in t.shape)
+            notes.append(Finding("dynamic-shape", f"input {_input_name(t.name)} has unknown dims "
+                                 f"({_dims(t.shape_signature)}): MACs and memory are at the placeholder shape "
+                                 f"{stored} stored in the file, not at a real input size", tensor=t.name,
+                                 hint=f"give --input-shape {_input_name(t.name)}:1xHxWxC"))
+            records.append({"name": _input_name(t.name), "model_shape": list(t.shape_signature),
+                            "shape": list(t.shape), "source": "placeholder stored in the file"})
+    if not dynamic or not given:
+        result = _check_model(model, target, opts, model.path, notes, tuple(records))
+    else:
+        result = _check_resized(model, target, opts, given, notes, tuple(records))
+    # Layout (h8, PyTorch models): how many TRANSPOSE ops the conversion left and what they cost here.
+    from edgeq.torch_convert import transpose_report  # imports no torch
+
+    result.layout.update(transpose_report(model, target))
+    return result
+
+
+def _input_name(name: str) -> str:
+    """``serving_default_image:0`` -> ``image`` (the name users know from the Keras model and the report)."""
+    name = name.split(":")[0]
+    return name[len("serving_default_"):] if name.startswith("serving_default_") else name
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join("?" if d < 0 else str(d) for d in shape)
+
+
+def _match_input_shapes(model: TfliteModel,
+                        given: tuple[tuple[Optional[str], tuple[int, ...]], ...]) -> dict[int, tuple[int, ...]]:
+    """``--input-shape`` values as {input tensor index: shape}; ``UsageError`` for one that fits no input."""
+    from edgeq.errors import UsageError
+
+    out: dict[int, tuple[int, ...]] = {}
+    inputs = model.inputs
+    for name, shape in given:
+        if name is None:
+            if len(inputs) != 1:
+                raise UsageError(f"--input-shape {_dims(shape)} names no input, but the model has {len(inputs)} "
+                                 f"({', '.join(_input_name(t.name) for t in inputs)})", "write NAME:1xHxWxC")
+            t = inputs[0]
+        else:
+            found = [t for t in inputs if name in (t.name, t.name.split(":")[0], _input_name(t.name))]
+            if not found:
+                raise UsageError(f"--input-shape names input '{name}', which the model does not have",
+                                 f"the inputs are {', '.join(_input_name(t.name) for t in inputs)}")
+            t = found[0]
+        sig = t.shape_signature
+        if len(shape) != len(sig) or any(d >= 0 and d != g for d, g in zip(sig, shape)):
+            raise UsageError(f"--input-shape {_input_name(t.name)}:{_dims(shape)} does not fit the model's input "
+                             f"{_dims(sig)}", "keep the model's known dimensions")
+        out[t.index] = tuple(shape)
+    return out
+
+
+def _check_resized(model: TfliteModel, target: TargetProfile, opts: CheckOptions, given: dict[int, tuple[int, ...]],
+                   placeholder_notes: list[Finding], placeholder_records: tuple[dict[str, Any], ...]) -> CheckResult:
+    """Check ``model`` at the input shapes ``given``: LiteRT propagates them, the file is rewritten to match."""
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    from edgeq.micro import propagate_shapes, with_tensor_shapes
+
+    records = tuple({"name": _input_name(model.main.tensors[i].name),
+                     "model_shape": list(model.main.tensors[i].shape_signature), "shape": list(s),
+                     "source": "--input-shape"} for i, s in given.items()
+                    if any(d < 0 for d in model.main.tensors[i].shape_signature[1:]))
+    m = propagate_shapes(model.path, given, timeout=opts.timeout_s)
+    notes = list(placeholder_notes)
+    if m.ok:
+        shapes = {int(k): tuple(v) for k, v in m.values.get("shapes", {}).items()}
+        try:
+            data = with_tensor_shapes(Path(model.path).read_bytes(), shapes)
+        except (ValueError, OSError) as exc:
+            notes.append(Finding("dynamic-shape", f"cannot rewrite the model at the given input shape ({exc}); "
+                                 "figures are at the placeholder shape stored in the file"))
+        else:
+            sg = model.main
+            tensors = tuple(replace(t, shape=shapes.get(t.index, t.shape)) for t in sg.tensors)
+            resized = replace(model, subgraphs=(replace(sg, tensors=tensors),) + model.subgraphs[1:])
+            with tempfile.TemporaryDirectory(prefix="edgeq-check-") as work:
+                path = Path(work) / "resized.tflite"
+                path.write_bytes(data)
+                return _check_model(resized, target, opts, str(path), notes, records + placeholder_records)
+    else:
+        notes.append(Finding("dynamic-shape", f"LiteRT could not resize the inputs to the given shape ({m.error}); "
+                             "figures are at the placeholder shape stored in the file",
+                             hint="check --input-shape against the model's inputs"))
+    return _check_model(model, target, opts, model.path, notes,
+                        tuple(dict(r, source="placeholder stored in the file") for r in records)
+                        + placeholder_records)
+
+
+def _check_model(model: TfliteModel, target: TargetProfile, opts: CheckOptions, measure_path: str,
+                 notes: list[Finding], input_shapes: tuple[dict[str, Any], ...]) -> CheckResult:
     violations: list[Finding] = []
-    warnings: list[Finding] = []
+    warnings: list[Finding] = list(notes)
 
     # ---- ops, op x dtype, fallbacks (grouped so each problem is said once)
     unsupported: dict[str, int] = {}
@@ -311,13 +444,16 @@ def check_model(model: TfliteModel, target: TargetProfile, options: Optional[Che
             f"{_fmt_bytes(target.flash_available_bytes)} flash budget of {target.name}",
             hint="use a smaller model (fewer or narrower layers) or a target with more flash"))
 
+    if target.runtime == "tflm":
+        violations.extend(tflm_stops(model))
+
     # ---- RAM, measured by the target's runtime in a child process (on LiteRT also which nodes XNNPACK took)
     delegation: Optional[dict[str, Any]] = None
     if opts.measure and not unsupported:
         if target.runtime == "tflm":
-            _ram_tflm(model, target, opts, memory, violations, warnings)
+            _ram_tflm(model, target, opts, memory, violations, warnings, measure_path)
         else:
-            delegation = _ram_litert(model, target, opts, memory, violations, warnings)
+            delegation = _ram_litert(model, target, opts, memory, violations, warnings, measure_path)
     elif opts.measure:
         memory["ram_note"] = "not measured: the model has ops the runtime does not support"
 
@@ -370,6 +506,7 @@ def check_model(model: TfliteModel, target: TargetProfile, options: Optional[Che
         per_op=tuple(per_op),
         estimate=estimate,
         acceleration=acceleration,
+        input_shapes=input_shapes,
     )
 
 
@@ -387,16 +524,119 @@ def _crash_finding(m: Measurement, runtime: str) -> Finding:
                    hint="see the runtime's message; an op, type or shape is not supported")
 
 
+def tflm_stops(model: TfliteModel) -> list[Finding]:
+    """What TFLite Micro's kernels are known to stop on (an abort in Prepare, on the device too), read from the file."""
+    low: list[float] = []
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            if op.op != "SOFTMAX" or not op.inputs or not 0 <= op.inputs[0] < len(sg.tensors):
+                continue
+            t = sg.tensors[op.inputs[0]]
+            q = t.quantization
+            if t.dtype in ("int8", "uint8") and q and q.scale and q.scale[0] <= TFLM_SOFTMAX_MIN_SCALE:
+                low.append(q.scale[0])
+    if not low:
+        return []
+    return [Finding(
+        "softmax-input-scale",
+        f"SOFTMAX ({len(low)}x) has an int8 input scale of {min(low):.3g}, below the {TFLM_SOFTMAX_MIN_SCALE:.3g} "
+        "TFLite Micro's Softmax accepts: its Prepare stops the program (abort), on the device as on this host. "
+        "The logits have almost no range: an untrained model (e.g. weights=None), or calibration samples "
+        "that do not excite it", op="SOFTMAX",
+        hint="convert a trained model with real calibration samples; LiteRT targets run it as it is")]
+
+
+def estimated_arena(model: TfliteModel) -> int:
+    """Bytes of the activations alive at once in the main subgraph (a floor for TFLite Micro's arena).
+
+    Each non-constant tensor lives from the op that makes it (or the start, for
+    inputs) to the last op that reads it (or the end, for outputs); the peak
+    of the live bytes is what any memory plan needs at least. Persistent
+    buffers, scratch and alignment come on top.
+    """
+    sg = model.main
+    n_ops = len(sg.operators)
+    first: dict[int, int] = {i: 0 for i in sg.inputs}
+    last: dict[int, int] = {i: n_ops for i in sg.outputs}
+    for k, op in enumerate(sg.operators):
+        for i in op.outputs:
+            if 0 <= i < len(sg.tensors):
+                first.setdefault(i, k)
+        for i in op.inputs:
+            if 0 <= i < len(sg.tensors):
+                last[i] = max(last.get(i, k), k)
+    peak = 0
+    live = [(first.get(i, 0), last.get(i, first.get(i, 0)), t.nbytes) for i, t in enumerate(sg.tensors)
+            if not t.has_data and not t.is_variable and (i in first or i in last)]
+    for k in range(n_ops + 1):
+        peak = max(peak, sum(b for lo, hi, b in live if lo <= k <= hi))
+    return int(peak)
+
+
+def _judge_tflm_failure(model: TfliteModel, m: Measurement, opts: CheckOptions,
+                        measure_path: str) -> tuple[Finding, bool]:
+    """(finding, the model is at fault) for a TFLite Micro child that crashed or raised.
+
+    The rule: a model is valid when LiteRT (a second, independent
+    implementation of the same format, with its own checks) loads it and runs
+    it once on zeros in a child process. TFLite Micro failing on a valid model
+    is a failure of the host's measuring tool: a warning that names the tool,
+    never "the device would crash". When LiteRT fails too (a crafted model fed
+    a tensor of the wrong rank, say), or cannot be asked, the model is at fault.
+    """
+    tool = f"tflite-micro {package_version('tflite-micro') or '(version unknown)'}"
+    if m.timed_out:
+        return _crash_finding(m, f"TFLite Micro ({tool})"), True
+    lite = measure_litert(measure_path, timeout=opts.timeout_s, invoke=True)
+    if lite.ok:
+        version = lite.values.get("runtime_version") or package_version("ai-edge-litert") or ""
+        return Finding(
+            "host-tool-failure",
+            f"the host's {tool} {m.error} while measuring the arena, but LiteRT {version} loads and runs the "
+            "model: a failure of the measuring tool on this host, not a verdict on the device; the RAM "
+            "figure is an estimate from the activations' sizes",
+            hint="measure the arena on the board (edgeq export, then its own build), or try another tflite-micro"), False
+    finding = _crash_finding(m, "TFLite Micro")
+    if lite.available:
+        why = lite.error or "fails"
+        finding = Finding(finding.code, f"{finding.message}; LiteRT also fails on it ({why}): the model is "
+                          "malformed or crafted", hint=finding.hint)
+    return finding, True
+
+
+def _estimate_ram(model: TfliteModel, target: TargetProfile, memory: dict[str, Any], violations: list[Finding],
+                  why: str) -> None:
+    """Judge RAM on the activations' sizes when TFLite Micro cannot measure the arena."""
+    estimate = estimated_arena(model)
+    memory.update({"estimated_arena_bytes": estimate,
+                   "arena_note": f"not measured ({why}); estimated as the peak of the activations alive at "
+                                 "once: a floor, the real arena adds persistent buffers and scratch"})
+    if estimate > target.ram_available_bytes:
+        violations.append(Finding("ram", f"RAM: the activations alone need about {_fmt_bytes(estimate)} "
+                                  f"(estimated), over the {_fmt_bytes(target.ram_available_bytes)} RAM budget "
+                                  f"of {target.name}", hint="use a smaller model (smaller input or fewer channels)"))
+
+
 def _ram_tflm(model: TfliteModel, target: TargetProfile, opts: CheckOptions, memory: dict[str, Any],
-              violations: list[Finding], warnings: list[Finding]) -> None:
-    m = measure_arena(model.path, timeout=opts.timeout_s, invoke=opts.invoke)
+              violations: list[Finding], warnings: list[Finding], measure_path: Optional[str] = None) -> None:
+    measure_path = measure_path or model.path
+    if tflm_stops(model):
+        # Known in advance (check_model reported it): measuring would only abort the child.
+        _estimate_ram(model, target, memory, violations, "TFLite Micro stops on the model, see violations")
+        return
+    m = measure_arena(measure_path, timeout=opts.timeout_s, invoke=opts.invoke)
     memory["measured_by"] = "tflite-micro RecordingMicroAllocator (child process)"
     if not m.available:
         warnings.append(Finding("arena-not-measured", "tensor arena not measured: the tflite-micro package is "
                                 "not installed", hint="pip install 'edgeq[micro]'"))
         return
     if not m.ok:
-        violations.append(_crash_finding(m, "TFLite Micro"))
+        finding, model_at_fault = _judge_tflm_failure(model, m, opts, measure_path)
+        if model_at_fault:
+            violations.append(finding)
+        else:
+            warnings.append(finding)
+            _estimate_ram(model, target, memory, violations, "the host's TFLite Micro failed")
         return
     arena = int(m.values["arena_bytes"])
     recommended = int(math.ceil(arena * (1 + opts.arena_margin) / 16.0) * 16)
@@ -424,8 +664,10 @@ def _ram_tflm(model: TfliteModel, target: TargetProfile, opts: CheckOptions, mem
 
 
 def _ram_litert(model: TfliteModel, target: TargetProfile, opts: CheckOptions, memory: dict[str, Any],
-                violations: list[Finding], warnings: list[Finding]) -> Optional[dict[str, Any]]:
-    m = measure_litert(model.path, threads=target.threads, timeout=opts.timeout_s, invoke=opts.invoke)
+                violations: list[Finding], warnings: list[Finding],
+                measure_path: Optional[str] = None) -> Optional[dict[str, Any]]:
+    m = measure_litert(measure_path or model.path, threads=target.threads, timeout=opts.timeout_s,
+                       invoke=opts.invoke)
     memory["measured_by"] = "ai-edge-litert Interpreter RSS after allocate_tensors and one run (child process)"
     if not m.available:
         warnings.append(Finding("ram-not-measured", "interpreter memory not measured: ai-edge-litert is not "

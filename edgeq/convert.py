@@ -43,9 +43,11 @@ import numpy as np
 from edgeq import __version__
 from edgeq.calibration import DataOptions, Dataset, InputSpec, load_dataset
 from edgeq.errors import ConversionError, EdgeqError, InputError, ModelError, RecipeError, UsageError
+from edgeq.isolate import StageCrashed, run_forked
+from edgeq.recurrent import crash_error
 from edgeq.progress import ProgressCallback, report
 from edgeq.recipes import Recipe, RecipeTable, load_recipes, recipe_for_scheme
-from edgeq.safeio import temp_beside
+from edgeq.safeio import refuse_output_over_input, temp_beside
 from edgeq.tflite_file import TfliteModel, parse_tflite
 
 SCHEMES = ("int8", "int16x8")
@@ -55,6 +57,8 @@ _IO_ALLOWED = {"int8": ("int8", "uint8", "float32"), "int16": ("int16", "float32
 # Ops Flatten/Reshape add when the batch size is dynamic; microcontroller runtimes dislike them.
 DYNAMIC_SHAPE_OPS = ("SHAPE", "STRIDED_SLICE", "PACK")
 _SIGNATURE = "serving_default"
+# Points of accuracy (or top-1 agreement) a conversion may lose before the result warns that it collapsed.
+DEFAULT_WARN_DROP = 5.0
 
 
 # ---------------------------------------------------------------- options and results
@@ -65,6 +69,9 @@ class LoadOptions:
     """How to load a model. ``unsafe_load`` lets a model run the Python code it carries (Lambda layers)."""
 
     unsafe_load: bool = False
+    # PyTorch models (edgeq.torch_convert): "nchw" | "nhwc" inputs; None: the layout of ``layout_data``.
+    layout: Optional[str] = None
+    layout_data: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,10 @@ class ConvertOptions:
     recipe: Optional[str] = None  # a recipe name; None: from scheme and per_channel
     recipes_file: Optional[str] = None  # a user's recipe table; None: the shipped one
     load: LoadOptions = LoadOptions()
+    warn_drop: float = DEFAULT_WARN_DROP  # warn when --eval shows more lost than this many points
+    # Concrete shapes for inputs with unknown dims ((input name or None for the only input, shape));
+    # without one, the calibration data's shape is used (edgeq.calibration.concrete_inputs).
+    input_shapes: tuple[tuple[Optional[str], tuple[int, ...]], ...] = ()
 
     def resolved_recipe(self, table: Optional[RecipeTable] = None) -> Recipe:
         """The recipe these options ask for (``RecipeError`` for an unknown or simulated one)."""
@@ -154,15 +165,23 @@ class OutputFidelity:
     samples: int
     max_abs_error: float
     sqnr_db: Optional[float]  # None when float and quantized outputs are identical
-    top1_agreement: Optional[float] = None  # classification-like outputs only
-    accuracy_float: Optional[float] = None  # with labels
+    top1_agreement: Optional[float] = None  # classifier and binary outputs only
+    accuracy_float: Optional[float] = None  # with class-id labels (per pixel for segmentation)
     accuracy_quant: Optional[float] = None
+    kind: str = "classifier"  # edgeq.fidelity.output_kind: classifier | segmentation | binary | regression
+    mean_abs_error: Optional[float] = None
+    pixel_agreement: Optional[float] = None  # segmentation: argmax over the last axis, per pixel
+    mae_float: Optional[float] = None  # regression with labels: mean |output - label|
+    mae_quant: Optional[float] = None
+    labels: Optional[str] = None  # which labels were used ("y", "y_<output>") or None
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "samples": self.samples, "top1_agreement": self.top1_agreement,
+            "name": self.name, "kind": self.kind, "samples": self.samples, "labels": self.labels,
+            "top1_agreement": self.top1_agreement, "pixel_agreement": self.pixel_agreement,
             "accuracy_float": self.accuracy_float, "accuracy_int": self.accuracy_quant,
-            "max_abs_error": self.max_abs_error, "sqnr_db": self.sqnr_db,
+            "mae_float": self.mae_float, "mae_int": self.mae_quant,
+            "max_abs_error": self.max_abs_error, "mean_abs_error": self.mean_abs_error, "sqnr_db": self.sqnr_db,
         }
 
 
@@ -199,7 +218,11 @@ class LoadedModel:
     layer_names: tuple[str, ...]
     float_weight_bytes: int
     model: Any = field(repr=False, compare=False)
-    export: Callable[[str], None] = field(repr=False, compare=False)  # writes a batch-1 SavedModel
+    # export(out_dir, inputs) writes a batch-1 SavedModel traced at ``inputs`` (``inputs``, made concrete).
+    export: Callable[[str, Sequence[InputSpec]], None] = field(repr=False, compare=False)
+    # PyTorch models: edgeq.torch_convert.TorchStages, whose export_float / calibrate / quantize /
+    # reference replace the TensorFlow stages (no TensorFlow on that path). None for Keras and SavedModel.
+    stages: Optional[Any] = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -211,6 +234,7 @@ class FloatModel:
     content: bytes = field(repr=False)
     tflite: TfliteModel = field(repr=False)
     seconds: float = 0.0
+    notes: tuple[str, ...] = ()  # what export changed on the way (e.g. recurrent layers unrolled)
 
     @property
     def size_bytes(self) -> int:
@@ -279,12 +303,30 @@ class Validation:
                 return 100.0 * (f.accuracy_float - f.accuracy_quant)
         return None
 
+    def drop_warning(self, threshold: float = DEFAULT_WARN_DROP) -> Optional[str]:
+        """A warning when the quantized model lost more than ``threshold`` points (accuracy, else agreement)."""
+        drop, metric = self.accuracy_drop(), "accuracy"
+        if drop is None:
+            drop, metric = self.agreement_drop(), "agreement with the float model"
+        return collapse_warning(drop, metric, threshold)
+
     def agreement_drop(self) -> Optional[float]:
-        """100 - top-1 agreement (in points) on the first classification output; else None."""
+        """100 - top-1 (or per-pixel) agreement in points on the first class-scoring output; else None."""
         for f in self.fidelity:
-            if f.top1_agreement is not None:
-                return 100.0 * (1.0 - f.top1_agreement)
+            agreement = f.top1_agreement if f.top1_agreement is not None else f.pixel_agreement
+            if agreement is not None:
+                return 100.0 * (1.0 - agreement)
         return None
+
+
+def collapse_warning(drop: Optional[float], metric: str, threshold: float = DEFAULT_WARN_DROP,
+                     remedy: str = "re-run with --max-drop PTS to repair it, and see worst_layers in the report"
+                     ) -> Optional[str]:
+    """The warning for a quantized model that lost ``drop`` points of ``metric`` (None: within ``threshold``)."""
+    if drop is None or not drop > threshold:
+        return None
+    return (f"the quantized model lost {drop:.1f} points of {metric} against float (more than {threshold:g}): "
+            f"it has collapsed or nearly so; {remedy}")
 
 
 @dataclass(frozen=True)
@@ -318,6 +360,8 @@ class ConvertResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     sha256: str = ""
     recipe: Optional[Recipe] = None
+    # Inputs with unknown dims and the concrete shape the model was exported at (and where it came from).
+    input_shapes: tuple[dict[str, Any], ...] = ()
 
     @property
     def size_ratio(self) -> float:
@@ -343,6 +387,7 @@ class ConvertResult:
             "ops": self.ops,
             "static_shapes": self.static_shapes,
             "inputs": [i.to_dict() for i in self.inputs],
+            "input_shapes": list(self.input_shapes),
             "outputs": [o.to_dict() for o in self.outputs],
             "evaluation": self.evaluation,
             "fidelity": [f.to_dict() for f in self.fidelity] if self.fidelity is not None else None,
@@ -361,7 +406,12 @@ def default_report_path(output: str | Path) -> Path:
 
 
 def model_format(path: str | Path) -> str:
-    """Classify a model path without TensorFlow: "keras", "h5" or "saved_model" (or raise ModelError)."""
+    """Classify a model path without TensorFlow: "keras", "h5", "saved_model", or for PyTorch "pt2" /
+    "torch-function" (``module:function``) (or raise ModelError)."""
+    from edgeq import torch_convert  # imports no torch
+
+    if torch_convert.is_torch_model(path):
+        return torch_convert.torch_format(path)
     p = Path(path)
     if not p.exists():
         raise ModelError(f"{p}: no such file or directory", "check the path to the model")
@@ -484,8 +534,11 @@ _MAX_H5_CONFIG = 16 << 20  # bytes of model_config JSON we are willing to parse
 def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
     """Load a ``.keras``, ``.h5`` or SavedModel for conversion; ``ModelError`` if it cannot be loaded safely.
 
-    Keras models load in safe mode: a ``Lambda`` layer carrying Python bytecode
-    is refused (a one-line ``ModelError``) unless ``options.unsafe_load``. A
+    Keras models load in safe mode, and their whole config is walked first:
+    any serialized function (a ``Lambda``, an RNN cell wrapper's ``residual_fn``,
+    any ``*_type: "lambda"`` entry, marshalled bytecode anywhere) is refused (a
+    one-line ``ModelError`` naming where) unless ``options.unsafe_load``; a
+    ``.keras`` zip whose declared sizes are a bomb is refused in any case. A
     legacy ``.h5`` goes to ``tf_keras`` only when Keras 3 cannot parse it, and
     only after its config has been checked for code (``tf_keras`` runs the
     bytecode of an ``.h5`` Lambda even in safe mode). SavedModels are programs:
@@ -493,6 +546,10 @@ def load_model(path: str | Path, options: LoadOptions = LoadOptions()) -> Loaded
     """
     p = Path(path)
     fmt = model_format(p)
+    if fmt in ("pt2", "torch-function"):
+        from edgeq.torch_convert import load_torch
+
+        return load_torch(path, fmt, options.unsafe_load, options.layout, options.layout_data)
     with quiet_tensorflow():
         tf = _tf()
         if fmt == "saved_model":
@@ -506,6 +563,8 @@ def _load_keras(tf: Any, path: Path, fmt: str, options: LoadOptions) -> LoadedMo
 
     if fmt == "h5" and not options.unsafe_load:
         _refuse_h5_code(path)  # before any loader parses the file
+    if fmt == "keras":
+        _check_keras_archive(path, options.unsafe_load)  # declared sizes, then code, before Keras opens it
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=not options.unsafe_load)
     except Exception as exc:  # noqa: BLE001 - any failure here means "try the legacy loader", unless refused
@@ -570,27 +629,141 @@ def _refuse_h5_code(path: Path) -> None:
         raise ModelError(f"{path} carries Python code ({found}) that loading would run", _UNSAFE_HINT)
 
 
+# A .keras archive: what its members may declare once decompressed (a zip bomb is refused before Keras
+# opens it). Edge models are megabytes; 2 GiB of weights is far past anything a microcontroller or a Pi runs.
+MAX_KERAS_UNPACKED = 2 << 30
+_MAX_KERAS_RATIO = 100  # weights barely compress; 100x over 64 MiB is a bomb, not a model
+_KERAS_RATIO_FLOOR = 64 << 20
+
+
+def _check_keras_archive(path: Path, unsafe_load: bool) -> None:
+    """Refuse a ``.keras`` zip whose declared sizes are a bomb, or (unless ``unsafe_load``) whose config holds code.
+
+    Keras 3's safe mode refuses ``Lambda`` and ``__lambda__`` objects and functions outside Keras;
+    the same walk as for ``.h5`` also runs here, before Keras opens the archive.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+            total = sum(max(0, i.file_size) for i in members)
+            packed = sum(max(0, i.compress_size) for i in members)
+            for info in members:
+                if info.file_size > _KERAS_RATIO_FLOOR and info.file_size > _MAX_KERAS_RATIO * max(info.compress_size, 1):
+                    raise ModelError(f"{path}: member {info.filename[:80]!r} expands from {info.compress_size} to "
+                                     f"{info.file_size} bytes (a zip bomb?)",
+                                     "save the model again with model.save('model.keras')")
+            if total > MAX_KERAS_UNPACKED or (total > _KERAS_RATIO_FLOOR and total > _MAX_KERAS_RATIO * max(packed, 1)):
+                raise ModelError(f"{path}: its members declare {total} bytes unpacked from {packed} "
+                                 f"(limit {MAX_KERAS_UNPACKED} bytes, at most {_MAX_KERAS_RATIO}x)",
+                                 "save the model again with model.save('model.keras'), or check where it came from")
+            if unsafe_load:
+                return
+            try:
+                info = z.getinfo("config.json")
+            except KeyError:
+                return  # Keras reports the missing config itself
+            if info.file_size > _MAX_H5_CONFIG:
+                raise ModelError(f"{path}: config.json declares {info.file_size} bytes "
+                                 f"(more than {_MAX_H5_CONFIG >> 20} MiB)")
+            with z.open(info) as f:
+                raw = f.read(_MAX_H5_CONFIG + 1)
+    except ModelError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
+        raise ModelError(f"cannot load {path} as a Keras model (its zip archive: {_first_line(exc)})",
+                         "check that the file is a complete Keras model saved with model.save()") from None
+    if len(raw) > _MAX_H5_CONFIG:
+        raise ModelError(f"{path}: config.json is larger than {_MAX_H5_CONFIG >> 20} MiB")
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ModelError(f"{path}: config.json is not valid JSON",
+                         "check that the file is a complete Keras model saved with model.save()") from None
+    found = _code_in_config(config)
+    if found:
+        raise ModelError(f"{path} carries Python code ({found}) that loading would run", _UNSAFE_HINT)
+
+
 def _code_in_config(config: Any) -> Optional[str]:
-    """The first layer whose config holds code (a Lambda, or a marshalled function), or None."""
-    stack = [config]
+    """Where ``config`` holds Python code, or None: the whole tree is walked, not a list of known layers.
+
+    Code is a ``Lambda`` layer (Keras 2 or 3), a Keras 3 ``__lambda__`` object,
+    any ``*_type: "lambda"`` entry (tf_keras marshals the function next to it:
+    ``Lambda.function``, ``ResidualWrapper.residual_fn``, ``DropoutWrapper.dropout_fn``...),
+    a ``*_type: "function"`` entry whose module is not Keras/TensorFlow (or is not given),
+    or any string that decodes to marshalled Python bytecode. The walk is
+    iterative and bounded in nodes and depth; a config past the bounds is refused.
+    """
+    stack: list[tuple[Any, Any, int]] = [(config, None, 0)]
     seen = 0
     while stack:
-        node = stack.pop()
+        node, where, level = stack.pop()
         seen += 1
-        if seen > 1_000_000:
-            return "a model config too large to check"
+        if seen > _MAX_CONFIG_NODES:
+            return f"a model config of more than {_MAX_CONFIG_NODES} entries, too large to check"
+        if level > _MAX_CONFIG_DEPTH:
+            return f"a model config nested deeper than {_MAX_CONFIG_DEPTH}, too deep to check"
         if isinstance(node, dict):
             cls = node.get("class_name")
-            cfg = node.get("config") if isinstance(node.get("config"), dict) else {}
-            name = cfg.get("name") if isinstance(cfg.get("name"), str) else "?"
-            if cls == "Lambda" or (isinstance(cls, str) and cls.endswith(">Lambda")):
-                return f"Lambda layer '{name[:80]}'"
-            if node.get("function_type") == "lambda" or node.get("output_shape_type") == "lambda":
-                return f"a marshalled function in '{name[:80]}'"
-            stack.extend(node.values())
+            if cls in ("Lambda", "__lambda__") or (isinstance(cls, str) and cls.endswith(">Lambda")):
+                cfg = node.get("config") if isinstance(node.get("config"), dict) else {}
+                name = cfg.get("name") if isinstance(cfg.get("name"), str) else "?"
+                what = "a serialized lambda" if cls == "__lambda__" else f"Lambda layer '{name[:80]}'"
+                return f"{what} at {_place(where)}"
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    continue
+                if key.endswith("_type") and value == "lambda":
+                    return f"a serialized function '{key[:-5][:80]}' at {_place((where, key[:-5]))}"
+                if key.endswith("_type") and value == "function":
+                    module = node.get(key[:-5] + "_module", node.get("module"))
+                    if not _keras_module(module):
+                        return (f"a function '{key[:-5][:80]}' from module '{str(module)[:80]}' "
+                                f"at {_place((where, key[:-5]))}")
+            stack.extend((v, (where, k), level + 1) for k, v in node.items())
         elif isinstance(node, list):
-            stack.extend(node)
+            stack.extend((v, (where, i), level + 1) for i, v in enumerate(node))
+        elif isinstance(node, str) and _is_bytecode(node):
+            return f"marshalled Python bytecode at {_place(where)}"
     return None
+
+
+_MAX_CONFIG_NODES = 1_000_000
+_MAX_CONFIG_DEPTH = 200  # Keras configs nest a few levels per layer; nested models add a few more
+_BYTECODE_B64 = re.compile(r"[A-Za-z0-9+/=\s]{64,}")
+
+
+def _keras_module(module: Any) -> bool:
+    return isinstance(module, str) and module.split(".")[0] in ("keras", "tf_keras", "tensorflow")
+
+
+def _is_bytecode(text: str) -> bool:
+    """A base64 string whose bytes start like a marshalled code object (``func_dump``'s output)."""
+    # Base64 of 0x63/0xE3 (a marshalled code object) starts with "Y" or "4", then one of these.
+    if len(text) < 64 or text[0] not in "4Y" or text[1] not in "wxyz0123456789+/":
+        return False
+    if not _BYTECODE_B64.fullmatch(text[:4096]):
+        return False
+    import base64
+    import binascii
+
+    try:
+        head = base64.b64decode("".join(text[:64].split())[:48])
+    except (binascii.Error, ValueError):
+        return False
+    return len(head) >= 17 and head[0] in (0x63, 0xE3)
+
+
+def _place(where: Any) -> str:
+    """``config.layers[1].config.cell`` for a path kept as nested (parent, key) pairs (cut to 200 characters)."""
+    parts: list[str] = []
+    while where is not None:
+        where, key = where
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    text = "".join(reversed(parts)).lstrip(".") or "the top level"
+    return text if len(text) <= 200 else "…" + text[-199:]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -636,8 +809,8 @@ def _from_keras3(tf: Any, keras: Any, model: Any, fmt: str, path: Path) -> Loade
     inputs = _keras_inputs(model)
     multi = len(inputs) > 1
 
-    def export(out_dir: str) -> None:
-        specs = [_batch1(tf, s) for s in inputs]
+    def export(out_dir: str, at: Sequence[InputSpec] = tuple(inputs)) -> None:
+        specs = [_batch1(tf, s) for s in at]
         archive = keras.export.ExportArchive()
         archive.track(model)
         archive.add_endpoint(
@@ -653,8 +826,8 @@ def _from_tf_keras(tf: Any, model: Any, path: Path) -> LoadedModel:
     inputs = _keras_inputs(model)
     multi = len(inputs) > 1
 
-    def export(out_dir: str) -> None:
-        specs = [_batch1(tf, s) for s in inputs]
+    def export(out_dir: str, at: Sequence[InputSpec] = tuple(inputs)) -> None:
+        specs = [_batch1(tf, s) for s in at]
         serve = tf.function(lambda *xs: model(list(xs) if multi else xs[0], training=False),
                             input_signature=specs)
         tf.saved_model.save(model, out_dir, signatures={_SIGNATURE: serve.get_concrete_function()})
@@ -685,8 +858,8 @@ def _load_saved_model(tf: Any, path: Path) -> LoadedModel:
         for n in names
     ]
 
-    def export(out_dir: str) -> None:
-        specs = [_batch1(tf, s) for s in inputs]
+    def export(out_dir: str, at: Sequence[InputSpec] = tuple(inputs)) -> None:
+        specs = [_batch1(tf, s) for s in at]
 
         def call(*xs: Any) -> Any:
             return fn(**dict(zip(names, xs)))
@@ -710,17 +883,31 @@ def export_float(loaded: LoadedModel, workdir: str | Path,
                  progress: Optional[ProgressCallback] = None) -> FloatModel:
     """Export ``loaded`` with a batch size of 1 into ``workdir`` and convert it to a float ``.tflite``.
 
-    Batch 1 keeps shapes static (no SHAPE/STRIDED_SLICE/PACK around Flatten).
+    Batch 1 keeps shapes static (no SHAPE/STRIDED_SLICE/PACK around Flatten); other unknown
+    dims stay unknown unless ``loaded.inputs`` were made concrete (``edgeq.calibration.concrete_inputs``).
     The SavedModel stays in ``workdir`` (the caller owns its lifetime): fp16 and
     dynamic-range recipes are made from it.
     """
+    if loaded.stages is not None:  # a PyTorch model: litert-torch, no SavedModel
+        return loaded.stages.export_float(loaded, workdir, progress)
     t = time.perf_counter()
     saved = os.path.join(str(workdir), "saved_model")
     report(progress, "export", "batch-1 SavedModel and float .tflite")
+    notes: tuple[str, ...] = ()
     with quiet_tensorflow():
         tf = _tf()
+        if loaded.loader == "keras":
+            # LayerNormalization and LSTM/GRU loops, rebuilt in forms TensorFlow quantizes to int8.
+            from edgeq.rewrite import for_int8
+
+            model, notes = for_int8(loaded.model)
+            if notes:
+                import keras
+
+                loaded = replace(loaded, model=model,
+                                 export=_from_keras3(tf, keras, model, loaded.fmt, Path(loaded.path)).export)
         try:
-            loaded.export(saved)
+            loaded.export(saved, loaded.inputs)
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"cannot trace {loaded.path} with a batch size of 1 ({_first_line(exc)})",
                              "check that the model runs on one sample: model(x[:1])") from None
@@ -730,7 +917,7 @@ def export_float(loaded: LoadedModel, workdir: str | Path,
         except Exception as exc:  # noqa: BLE001 - the converter raises many kinds
             raise _converter_error(exc, "int8", loaded.layer_names, loaded.model_name) from exc
     return FloatModel(loaded, saved, content, parse_tflite(content, f"{loaded.path} (float)"),
-                      time.perf_counter() - t)
+                      time.perf_counter() - t, notes)
 
 
 # ---------------------------------------------------------------- stage 3: calibrate, once
@@ -743,6 +930,8 @@ def calibrate(float_model: FloatModel, calib: Dataset,
     The result is what ``TFLiteConverter`` records before it quantizes; every
     static recipe quantizes from it without running the samples again.
     """
+    if float_model.loaded.stages is not None:  # a PyTorch model: litert-quantizer's calibrator
+        return float_model.loaded.stages.calibrate(float_model, calib, progress)
     t = time.perf_counter()
     names = _float_input_names(float_model.content)  # in the model's tensor order
     if sorted(names) != sorted(calib.names):
@@ -750,10 +939,13 @@ def calibrate(float_model: FloatModel, calib: Dataset,
                          f"takes {', '.join(names)}", "name the arrays after the model's inputs")
     total = len(calib)
 
+    forked = _forks(float_model)
+
     def samples() -> Iterator[list[np.ndarray]]:
         # Positional lists in tensor order: with dicts the calibrator builds a deprecated tf.lite.Interpreter.
         for i in range(total):
-            if i % 16 == 0 or i == total - 1:
+            # Events from a forked child would not reach the caller's callback: there, only start and end.
+            if not forked and (i % 16 == 0 or i == total - 1):
                 report(progress, "calibrate", "samples", i + 1, total)
             sample = calib.sample(i)
             yield [sample[n] for n in names]
@@ -762,16 +954,45 @@ def calibrate(float_model: FloatModel, calib: Dataset,
         _tf()
         from tensorflow.lite.python.optimize import calibrator as tf_calibrator
 
-        try:
+        def record() -> bytes:
             with _frozen_heap():
-                calibrated = tf_calibrator.Calibrator(
-                    tf_calibrator.add_intermediate_tensors(float_model.content)).calibrate(samples)
+                return bytes(tf_calibrator.Calibrator(
+                    tf_calibrator.add_intermediate_tensors(float_model.content)).calibrate(samples))
+
+        try:
+            if forked:
+                report(progress, "calibrate", "samples", 0, total)
+            calibrated = _guarded("TensorFlow's calibrator", float_model, record)
+            if forked:
+                report(progress, "calibrate", "samples", total, total)
         except EdgeqError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise ConversionError(f"calibration failed: {_first_line(exc)}",
                                   "check that the calibration samples fit the model's inputs") from None
     return Calibration(calib, bytes(calibrated), time.perf_counter() - t)
+
+
+def _forks(float_model: FloatModel) -> bool:
+    """Whether TensorFlow's C++ stages run in a forked child for this model: when it has control flow.
+
+    TensorFlow's calibrator segfaults on the WHILE loop of a Keras 3 LSTM/GRU
+    (tensorflow#75140); a model with WHILE/IF bodies has more than one subgraph.
+    Other models convert in this process: a fork of a process holding TensorFlow
+    cost about 0.1 s on a busy 2-core host, a quarter of converting a small CNN
+    (benchmarks/bench_convert.py: 1.26x with a fork for every model, 1.07x without).
+    """
+    return len(float_model.tflite.subgraphs) > 1
+
+
+def _guarded(stage: str, float_model: FloatModel, make: Callable[[], bytes]) -> bytes:
+    """``make()`` in a forked child when :func:`_forks` says so; a crash there is one ``ConversionError``."""
+    if not _forks(float_model):
+        return make()
+    try:
+        return run_forked(stage, make)
+    except StageCrashed as crash:
+        raise crash_error(crash, float_model) from None
 
 
 def _float_input_names(content: bytes) -> list[str]:
@@ -791,6 +1012,8 @@ def quantize(float_model: FloatModel, calibration: Optional[Calibration], recipe
     made (e.g. an op left in float by a full-integer recipe), ``RecipeError``
     for a simulated recipe (see ``edgeq.quantize.simulate``).
     """
+    if float_model.loaded.stages is not None:  # a PyTorch model: litert-quantizer, integer I/O
+        return float_model.loaded.stages.quantize(float_model, calibration, recipe, io_types, progress)
     if not recipe.executable:
         raise RecipeError(f"recipe '{recipe.name}' is simulated and never written as a .tflite",
                           "use edgeq.quantize.simulate() to measure it")
@@ -818,11 +1041,13 @@ def quantize(float_model: FloatModel, calibration: Optional[Calibration], recipe
                                       "choose another recipe, or run with --debug for the full message") from exc
             raise _converter_error(exc, _scheme_of(recipe), loaded.layer_names, loaded.model_name) from exc
     quant = parse_tflite(content, f"{recipe.name} model")
-    if recipe.full_integer:
+    if recipe.activations in ("int8", "int16"):
+        # Every recipe that claims integer activations, whichever quantizer made it: litert-quantizer
+        # leaves ops it has no integer kernel for in float without a word.
         floats = _float_ops(quant, input_type, output_type)
         if floats:
             raise _float_ops_error(floats, float_model, calibration, recipe)
-    warns = []
+    warns = list(float_model.notes)
     static = all(d > 0 for t_ in quant.inputs for d in t_.shape_signature) and not any(
         op in quant.op_counts for op in DYNAMIC_SHAPE_OPS
     )
@@ -838,6 +1063,9 @@ def _scheme_of(recipe: Recipe) -> str:
     if recipe.full_integer:
         return "int16x8" if recipe.activations == "int16" else "int8"
     return recipe.name
+
+
+_INT8_ATTEMPTS = 4
 
 
 def _tflite_converter(float_model: FloatModel, calibration: Optional[Calibration], recipe: Recipe,
@@ -858,31 +1086,54 @@ def _tflite_converter(float_model: FloatModel, calibration: Optional[Calibration
     if calibration is None:  # guarded by quantize(); here for the type checker
         raise UsageError("a static recipe needs a calibration")
     per_tensor = not recipe.per_channel
-    if recipe.activations == "int8":
-        # What TFLiteConverter.convert() does after calibrating (lite.py, _quantize / _optimize_tflite_model).
-        model = tf_convert.mlir_quantize(
-            calibration.calibrated, disable_per_channel=per_tensor,
-            input_data_type=tf.as_dtype(input_type), output_data_type=tf.as_dtype(output_type),
-            disable_per_channel_for_dense_layers=per_tensor)
-        return bytes(tf_lite._deduplicate_readonly_buffers(model))
-    # int16 activations: the converter's own (older) quantizer, on the recorded ranges.
-    from tensorflow.lite.python.optimize import calibrator as tf_calibrator
+    calibrated = calibration.calibrated
 
-    quantizer = tf_calibrator.Calibrator(calibration.calibrated)
-    model = quantizer._calibrator.QuantizeModel(
-        np.dtype(input_type).num, np.dtype(output_type).num, False,
-        np.dtype(np.int16).num, np.dtype(np.int64).num, per_tensor, per_tensor)
-    model = tf_lite._modify_model_io_type(model, tf.as_dtype(input_type), tf.as_dtype(output_type))
-    return bytes(tf_lite._deduplicate_readonly_buffers(model))
+    def int8() -> bytes:
+        # What TFLiteConverter.convert() does after calibrating (lite.py, _quantize / _optimize_tflite_model).
+        # The MLIR quantizer is not deterministic: on the same input it sometimes leaves an op
+        # in float (measured: the first SPLIT of an unrolled LSTM, 3 runs in 12), so a result
+        # with float ops is made again, a few times, before it is reported.
+        for _ in range(_INT8_ATTEMPTS):
+            content = bytes(tf_lite._deduplicate_readonly_buffers(tf_convert.mlir_quantize(
+                calibrated, disable_per_channel=per_tensor,
+                input_data_type=tf.as_dtype(input_type), output_data_type=tf.as_dtype(output_type),
+                disable_per_channel_for_dense_layers=per_tensor)))
+            if not _float_ops(parse_tflite(content), input_type, output_type):
+                break
+        return content
+
+    def int16() -> bytes:
+        # int16 activations: the converter's own (older) quantizer, on the recorded ranges.
+        from tensorflow.lite.python.optimize import calibrator as tf_calibrator
+
+        quantizer = tf_calibrator.Calibrator(calibrated)
+        model = quantizer._calibrator.QuantizeModel(
+            np.dtype(input_type).num, np.dtype(output_type).num, False,
+            np.dtype(np.int16).num, np.dtype(np.int64).num, per_tensor, per_tensor)
+        model = tf_lite._modify_model_io_type(model, tf.as_dtype(input_type), tf.as_dtype(output_type))
+        return bytes(tf_lite._deduplicate_readonly_buffers(model))
+
+    return _guarded("TensorFlow's quantizer", float_model, int8 if recipe.activations == "int8" else int16)
+
+
+class FloatOpsLeft(ConversionError):
+    """A recipe with integer activations left ops in float; ``layers`` names the Keras layers they belong to."""
+
+    def __init__(self, message: str, hint: Optional[str] = None, layers: tuple[str, ...] = ()) -> None:
+        super().__init__(message, hint)
+        self.layers = layers
 
 
 def _float_ops_error(floats: list[tuple[str, str]], float_model: FloatModel,
-                     calibration: Optional[Calibration], recipe: Recipe) -> ConversionError:
+                     calibration: Optional[Calibration], recipe: Recipe) -> FloatOpsLeft:
     loaded = float_model.loaded
     names = []
+    layers = []
     for op, tensor in floats:
         layer = _layer_of(tensor, loaded.layer_names, loaded.model_name)
         names.append(f"{op} (layer '{layer}')" if layer else f"{op} (at '{tensor.split(';')[0]}')")
+        if layer:
+            layers.append(layer)
     uniq = list(dict.fromkeys(names))
     hint = "replace the layer with ops that have integer kernels"
     scheme = _scheme_of(recipe)
@@ -895,10 +1146,13 @@ def _float_ops_error(floats: list[tuple[str, str]], float_model: FloatModel,
                 hint = "--scheme int16x8 converts this model to full integer; or " + hint
         except Exception:  # noqa: BLE001 - any failure means "no"
             pass
-    return ConversionError(
+    if recipe.quantizer == "tflite-converter" and recipe.activations == "int8" and layers:
+        hint += "; or convert with --eval DATA --max-drop PTS to keep those layers in float (Linux targets)"
+    who = "the converter" if recipe.quantizer == "tflite-converter" else recipe.quantizer
+    return FloatOpsLeft(
         f"{', '.join(uniq)} cannot be quantized to {scheme}: "
-        f"the converter left {'it' if len(uniq) == 1 else 'them'} in float32",
-        hint,
+        f"{who} left {'it' if len(uniq) == 1 else 'them'} in float32",
+        hint, tuple(dict.fromkeys(layers)),
     )
 
 
@@ -920,7 +1174,7 @@ def validate(quantized: QuantizedModel, float_model: FloatModel, eval_data: Data
     report(progress, "evaluate", "float reference")
     ref = _float_reference(float_model, eval_data, progress)
     got = _run_all(quantized.content, eval_data, progress, quantized.recipe.name)
-    fidelity = _fidelity(ref, got, eval_data.labels)
+    fidelity = _fidelity(ref, got, eval_data.labels, dict(eval_data.output_labels))
     ranges = None
     if calibration is not None:
         try:
@@ -947,7 +1201,10 @@ def _float_reference(float_model: FloatModel, data: Dataset,
     cache = _REFERENCES.setdefault(id(float_model), {})
     key = (id(data), len(data))
     if key not in cache:
-        cache[key] = _run_all(float_model.content, data, progress, "float")
+        stages = float_model.loaded.stages
+        # A PyTorch model is judged against PyTorch's own outputs, not the float .tflite's.
+        cache[key] = stages.reference(data) if stages is not None else _run_all(float_model.content, data,
+                                                                               progress, "float")
     return cache[key]
 
 
@@ -967,8 +1224,13 @@ def forget_reference(float_model: FloatModel) -> None:
 def report_for(loaded: LoadedModel, float_model: FloatModel, calibration: Optional[Calibration],
                quantized: QuantizedModel, validation: Optional[Validation], output: str | Path,
                report_path: Optional[str | Path] = None, data: DataOptions = DataOptions(),
-               timings: Optional[dict[str, float]] = None, extra_warnings: Sequence[str] = ()) -> ConvertResult:
-    """The ``ConvertResult`` (and report) for one quantized model, before anything is written."""
+               timings: Optional[dict[str, float]] = None, extra_warnings: Sequence[str] = (),
+               warn_drop: Optional[float] = None,
+               input_shapes: Sequence[dict[str, Any]] = ()) -> ConvertResult:
+    """The ``ConvertResult`` (and report) for one quantized model, before anything is written.
+
+    With ``warn_drop``, a validation that lost more points than that adds a warning.
+    """
     recipe = quantized.recipe
     out_path = Path(output)
     rpath = Path(report_path) if report_path else default_report_path(out_path)
@@ -976,6 +1238,9 @@ def report_for(loaded: LoadedModel, float_model: FloatModel, calibration: Option
     warns = list(quantized.warnings) + list(extra_warnings)
     if validation is not None:
         warns += list(validation.warnings)
+        collapsed = validation.drop_warning(warn_drop) if warn_drop is not None else None
+        if collapsed:
+            warns.append(collapsed)
     calib = calibration.dataset.to_dict() if calibration is not None else {"samples": 0, "available": 0}
     scheme = _scheme_of(recipe)
     return ConvertResult(
@@ -1006,6 +1271,7 @@ def report_for(loaded: LoadedModel, float_model: FloatModel, calibration: Option
         timings_s={k: round(v, 3) for k, v in (timings or {}).items()},
         sha256=quantized.tflite.sha256,
         recipe=recipe,
+        input_shapes=tuple(input_shapes),
     )
 
 
@@ -1194,22 +1460,29 @@ def _run_all(content: bytes, data: Dataset, progress: Optional[ProgressCallback]
     in_details = runner.get_input_details()
     out_details = runner.get_output_details()
     results: dict[str, list[np.ndarray]] = {k: [] for k in out_details}
+    # Samples are independent, but a fused LSTM (UNIDIRECTIONAL_SEQUENCE_LSTM) keeps its state in
+    # variable tensors from one invocation to the next: reset them before every sample.
+    reset_state = getattr(getattr(runner, "_interpreter", None), "reset_all_variables", None)
     n = len(data)
     for i in range(n):
+        if reset_state is not None:
+            reset_state()
         feed = {}
         for name, arr in data.sample(i).items():
             d = in_details[name]
             dtype = np.dtype(d["dtype"])
-            if dtype.kind in "iu":
-                scale, zp = d["quantization"]
+            scale, zp = d["quantization"]
+            # Only a quantized input (a scale) takes float data through its scale; integer inputs that
+            # are not quantized (token ids for an Embedding) pass through unchanged.
+            if dtype.kind in "iu" and scale and arr.dtype.kind == "f":
                 info = np.iinfo(dtype)
                 arr = np.clip(np.round(arr / scale + zp), info.min, info.max).astype(dtype)
             feed[name] = arr.astype(dtype, copy=False)
         out = runner(**feed)
         for k, v in out.items():
             d = out_details[k]
-            if np.dtype(d["dtype"]).kind in "iu":
-                scale, zp = d["quantization"]
+            scale, zp = d["quantization"]
+            if np.dtype(d["dtype"]).kind in "iu" and scale:
                 v = (v.astype(np.float32) - zp) * scale
             results[k].append(np.asarray(v, dtype=np.float32))
         if progress is not None and (i % 32 == 0 or i == n - 1):
@@ -1217,29 +1490,24 @@ def _run_all(content: bytes, data: Dataset, progress: Optional[ProgressCallback]
     return {k: np.concatenate(v, axis=0) for k, v in results.items()}
 
 
-def _fidelity(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: Optional[np.ndarray]) -> tuple[OutputFidelity, ...]:
+def _fidelity(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: Optional[np.ndarray],
+              per_output: Optional[dict[str, np.ndarray]] = None) -> tuple[OutputFidelity, ...]:
+    """Float vs quantized per output, each judged by its kind (``edgeq.fidelity.output_kind``)."""
+    from edgeq import fidelity
+
+    assigned = fidelity.assign_labels({k: v.shape for k, v in ref.items()}, labels, per_output, ref)
     out = []
     for name in sorted(ref):
-        f = ref[name].astype(np.float64)
-        q = got[name].astype(np.float64)
-        err = f - q
-        noise = float(np.sum(err**2))
-        signal = float(np.sum(f**2))
-        sqnr = None if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else float("-inf"))
-        agree = acc_f = acc_q = None
-        if f.ndim == 2 and f.shape[1] > 1:
-            pf, pq = f.argmax(axis=1), q.argmax(axis=1)
-            agree = float(np.mean(pf == pq))
-            if labels is not None and labels.ndim == 1 and labels.shape[0] == f.shape[0]:
-                acc_f = float(np.mean(pf == labels))
-                acc_q = float(np.mean(pq == labels))
-        elif f.ndim == 2 and f.shape[1] == 1 and labels is not None and labels.ndim == 1:
-            pf, pq = (f[:, 0] > 0.5).astype(int), (q[:, 0] > 0.5).astype(int)
-            agree = float(np.mean(pf == pq))
-            acc_f = float(np.mean(pf == labels))
-            acc_q = float(np.mean(pq == labels))
-        out.append(OutputFidelity(name, int(f.shape[0]), float(np.max(np.abs(err))) if err.size else 0.0,
-                                  None if sqnr is None else round(sqnr, 2), agree, acc_f, acc_q))
+        where, y = assigned.get(name, (None, None))
+        c = fidelity.compare(ref[name], got[name], y)
+        seg = c.kind == fidelity.SEGMENTATION
+        used = where if (c.accuracy_reference is not None or c.label_mae_reference is not None) else None
+        out.append(OutputFidelity(
+            name, c.samples, c.max_abs_error, c.sqnr_db,
+            top1_agreement=None if seg else c.agreement,
+            accuracy_float=c.accuracy_reference, accuracy_quant=c.accuracy_candidate, kind=c.kind,
+            mean_abs_error=c.mean_abs_error, pixel_agreement=c.agreement if seg else None,
+            mae_float=c.label_mae_reference, mae_quant=c.label_mae_candidate, labels=used))
     return tuple(out)
 
 
@@ -1324,7 +1592,12 @@ def _range_settling(float_content: bytes, calib: Dataset) -> Optional[dict[str, 
             interp.set_tensor(names[name]["index"], arr)
         interp.invoke()
         for j, t in enumerate(watch):
-            v = interp.get_tensor(t)
+            try:
+                v = interp.get_tensor(t)
+            except ValueError:  # a tensor the runtime never allocated (e.g. unused outputs of an unrolled RNN)
+                continue
+            if not v.size:
+                continue
             lo[j] = min(lo[j], float(v.min()))
             hi[j] = max(hi[j], float(v.max()))
         if i + 1 in checkpoints:
@@ -1341,6 +1614,14 @@ def _range_settling(float_content: bytes, calib: Dataset) -> Optional[dict[str, 
 
 
 # ---------------------------------------------------------------- the entry point
+
+
+def _data_path(source: Any) -> Optional[Path]:
+    """A data source that is a file or directory on disk (not ``module:function``), else None."""
+    if not source or not isinstance(source, (str, Path)):
+        return None
+    p = Path(source)
+    return p if p.exists() else None
 
 
 def _check_output(path: Path, what: str) -> None:
@@ -1414,13 +1695,16 @@ def convert(
     _check_output(report_path, "report")
     if out_path.resolve() == report_path.resolve():
         raise UsageError("the report path is the model output path", "choose another --report")
+    refuse_output_over_input([("output", out_path), ("report", report_path)],
+                             [("model", model_path), ("calibration data", _data_path(calib)),
+                              ("evaluation data", _data_path(options.eval_data))])
 
     with quiet_tensorflow():
         report(progress, "load", str(model_path))
-        loaded = load_model(model_path, options.load)
+        loaded = load_model(model_path, replace(options.load, layout_data=options.load.layout_data or str(calib)))
         timings["load"] = time.perf_counter() - t0
 
-        calib_data = load_dataset(calib, loaded.inputs, options.data, role="calibration")
+        loaded, calib_data, input_shapes = _concrete(loaded, calib, options)
         eval_data = None
         if options.eval_data:
             eval_data = load_dataset(options.eval_data, loaded.inputs,
@@ -1451,5 +1735,27 @@ def convert(
         calibration_info = calibration
     timings["total"] = time.perf_counter() - t0
     result = report_for(loaded, float_model, calibration_info, quantized, validation, out_path, report_path,
-                        options.data, timings)
+                        options.data, timings, warn_drop=options.warn_drop, input_shapes=input_shapes)
     return write(quantized, result)
+
+
+def _concrete(loaded: LoadedModel, calib: str | Path,
+              options: ConvertOptions) -> tuple[LoadedModel, Dataset, tuple[dict[str, Any], ...]]:
+    """The calibration data, and ``loaded`` with unknown input dims set from ``--input-shape`` or that data.
+
+    A model with ``None`` height and width would otherwise be exported, calibrated,
+    checked and measured at a placeholder 1x1; the report's ``input_shapes`` says
+    which shape was used and where it came from.
+    """
+    from edgeq.calibration import concrete_inputs
+
+    inputs, given = concrete_inputs(loaded.inputs, options.input_shapes)
+    calib_data = load_dataset(calib, inputs, options.data, role="calibration")
+    inputs, found = concrete_inputs(inputs, (), calib_data)
+    records = {r["name"]: r for r in found}
+    records.update({r["name"]: r for r in given})
+    # The model's own shapes in every record (the second pass saw the first pass's concrete ones).
+    for spec in loaded.inputs:
+        if spec.name in records:
+            records[spec.name]["model_shape"] = [-1 if d is None else d for d in spec.shape]
+    return replace(loaded, inputs=inputs), calib_data, tuple(records[s.name] for s in inputs if s.name in records)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from edgeq import jsondoc
 from edgeq.errors import (ConnectError, DeviceBusy, DeviceError, DeviceProtocolError, RemoteCommandError,
-                          RunnerCrashed)
+                          RunnerCrashed, UsageError)
 from edgeq.transport import Result, Transport
 
 MAX_DOCUMENT_BYTES = 8 << 20  # a runner document larger than this is not one we asked for
@@ -41,6 +41,15 @@ MAX_STRING = 64 << 10
 def runner_source() -> bytes:
     """The on-device runner's source (``deploy/runner.py``, shipped as ``edgeq._device``)."""
     return resources.files("edgeq._device").joinpath("runner.py").read_bytes()
+
+
+def runner_program(args: Sequence[str]) -> bytes:
+    """What goes on stdin for one call: ``EDGEQ_ARGS = [...]`` (an ASCII list literal), then the runner."""
+    args = [str(a) for a in args]
+    for a in args:
+        if "\0" in a:
+            raise UsageError(f"a runner argument contains a NUL byte: {a[:40]!r}")
+    return b"EDGEQ_ARGS = " + ascii(args).encode("ascii") + b"\n" + runner_source()
 
 
 # ---------------------------------------------------------------- validation
@@ -64,10 +73,12 @@ def num(lo: float = -math.inf, hi: float = math.inf, integer: bool = False) -> C
     def check(v: Any, where: str) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
             raise _Bad(f"{where} is {_type_name(v)}, not {'an integer' if integer else 'a number'}")
-        if not math.isfinite(v):
+        # An int is compared as an int: math.isfinite or float() on a huge one raises OverflowError.
+        if isinstance(v, float) and not math.isfinite(v):
             raise _Bad(f"{where} is not a finite number")
-        if not lo <= v <= hi:
-            raise _Bad(f"{where} = {v!r} is out of range [{lo:g}, {hi:g}]")
+        if not lo <= v <= hi or (isinstance(v, int) and abs(v) >= 10 ** jsondoc.MAX_INT_DIGITS):
+            shown = repr(v) if isinstance(v, float) or abs(v) < 10 ** 24 else f"an integer of {v.bit_length()} bits"
+            raise _Bad(f"{where} = {shown} is out of range [{lo:g}, {hi:g}]")
     return check
 
 
@@ -143,7 +154,7 @@ def obj(**fields: Check) -> Check:
 
 
 _SHA_OR_NONE = optional(sha)
-ACTIVATION = obj(current=_SHA_OR_NONE, previous=_SHA_OR_NONE)
+ACTIVATION = obj(current=_SHA_OR_NONE, previous=_SHA_OR_NONE, foreign=optional(text(1024)))
 TENSOR_INFO = obj(name=optional(text(4096)), shape=array(integer(-1, 1 << 31), 16), dtype=text(32),
                   quantization=array(num(), 2, 2))
 ENCODED = obj(dtype=text(32), shape=array(integer(0, 1 << 31), 16), b64=text(MAX_DOCUMENT_BYTES))
@@ -151,7 +162,8 @@ ENCODED = obj(dtype=text(32), shape=array(integer(0, 1 << 31), 16), b64=text(MAX
 PROBE = obj(runner_version=integer(1), hostname=text(256), arch=text(64), python=text(64),
             numpy=optional(text(64)), runtime=optional(obj(name=text(64), version=optional(text(64)))),
             remote_dir=optional(text(4096)), have=mapping(optional(sha)),
-            activation=optional(ACTIVATION), disk=optional(obj(free_bytes=integer(0), total_bytes=integer(0))),
+            activation=optional(ACTIVATION),
+            disk=optional(obj(free_bytes=integer(0), total_bytes=integer(0), path=optional(text(4096)))),
             cpu_cores=optional(integer(0, 1 << 16)), mem_total_bytes=optional(integer(0)),
             emulation=optional(obj(emulated=boolean)))
 LOCK = obj(remote_dir=text(4096), broke_stale=optional(mapping(anything, 64)), swept=integer(0))
@@ -161,12 +173,30 @@ ROLLBACK = obj(active=sha, previous=_SHA_OR_NONE, before=ACTIVATION)
 STATE = obj(activation=ACTIVATION)
 INSTALL = obj(installed=array(text(4096)))
 EVAL = obj(samples=integer(0), seconds=num(0), accuracy=optional(num(0, 1)), mae=optional(num(0)),
-           task=optional(text(32)), outputs=optional(ENCODED), outputs_truncated=optional(boolean))
+           task=optional(text(32)), outputs=optional(ENCODED), outputs_truncated=optional(boolean),
+           rows=optional(integer(0)), state_reset=optional(boolean), state_reload=optional(boolean),
+           per_output=optional(array(obj(name=text(1024), tensor=optional(text(1024)), outputs=ENCODED), 256)))
+RESIZED = array(obj(input=text(1024), shape=array(integer(1, 1 << 20), 16), source=optional(text(64))), 256)
 LAYERS = obj(runtime=obj(name=text(64), version=optional(text(64))), samples=integer(0),
              tensors=array(obj(index=integer(0), name=text(1024), dtype=text(16),
                                shape=array(integer(0, 1 << 31), 16), quantization=array(num(), 2, 2),
                                b64=text(MAX_DOCUMENT_BYTES)), 1 << 16),
              ops=optional(array(obj(index=integer(0), op=text(64), outputs=array(integer(0), 64)), 100000)))
+
+
+_COUNT = optional(integer(0, 1 << 31))
+_DELEGATE_FIELDS = obj(requested=optional(text(32)), applied=optional(boolean), delegated_nodes=_COUNT,
+                       nodes=_COUNT, partitions=_COUNT)
+
+
+def DELEGATE(v: Any, where: str) -> None:
+    """What a delegate really took (``applied`` null: the runtime does not say); counts consistent."""
+    _DELEGATE_FIELDS(v, where)
+    taken, nodes = v.get("delegated_nodes"), v.get("nodes")
+    if taken is not None and nodes is not None and taken > nodes:
+        raise _Bad(f"{where}.delegated_nodes = {taken} is more than the model's {nodes} nodes")
+    if v.get("applied") is not None and taken is not None and v["applied"] != (taken > 0):
+        raise _Bad(f"{where}.applied = {v['applied']} does not match {taken} delegated nodes")
 
 
 def run_schema(max_samples: int) -> Check:
@@ -176,7 +206,8 @@ def run_schema(max_samples: int) -> Check:
                inputs=array(TENSOR_INFO, 256), outputs=array(TENSOR_INFO, 256, 1),
                load_ms=num(0), first_inference_ms=num(0), warmup_runs=integer(0),
                samples_ms=array(num(0), max_samples), runtime_log=optional(text()),
-               peak_rss_bytes=optional(integer(0)), eval=optional(EVAL))
+               peak_rss_bytes=optional(integer(0)), eval=optional(EVAL), delegate=optional(DELEGATE),
+               resized=optional(RESIZED))
 
 
 def decode_encoded(enc: dict[str, Any], where: str = "outputs"):
@@ -223,7 +254,7 @@ def _holder_gone(owner: dict[str, Any]) -> bool:
     if owner.get("controller_id") != controller_id():
         return False
     pid = owner.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 31:  # os.kill overflows past
         return False
     if pid == os.getpid():
         with _LIVE_LOCK:
@@ -254,7 +285,8 @@ def _busy_message(host: str, owner: dict[str, Any]) -> str:
     where = str(owner.get("controller") or "?")[:128]
     model = str(owner.get("model") or "?")[:12]
     age = owner.get("age_s")
-    age_text = f"{age:.0f} s ago" if isinstance(age, (int, float)) and math.isfinite(age) else "at an unknown time"
+    age_text = (f"{age:.0f} s ago" if isinstance(age, (int, float)) and not isinstance(age, bool)
+                and -1e12 < age < 1e12 else "at an unknown time")
     return (f"{host} is busy: another deploy holds its lock (by {who} on {where}, pid "
             f"{str(owner.get('pid', '?'))[:16]}, model {model}, started {age_text})")
 
@@ -283,8 +315,13 @@ class DeviceClient:
     # -- the one call
 
     def call(self, mode: str, args: Sequence[str], timeout: float, what: str, schema: Check) -> dict[str, Any]:
-        """Run one runner mode; return its validated document (``ok`` true or false)."""
-        res = self.tr.run([self.python, "-", mode, *args], timeout, stdin=runner_source(), check=False)
+        """Run one runner mode; return its validated document (``ok`` true or false).
+
+        Only ``python - MODE`` goes on the command line: the arguments travel on
+        stdin ahead of the runner (``EDGEQ_ARGS = [...]``), so a long argument list
+        (``--layers`` on a large model) never meets an SSH server's command limit.
+        """
+        res = self.tr.run([self.python, "-", mode], timeout, stdin=runner_program(args), check=False)
         return self.parse(res, what, schema)
 
     def parse(self, res: Result, what: str, schema: Check) -> dict[str, Any]:
@@ -347,8 +384,10 @@ class DeviceClient:
             args += ["--have", rel, digest]
         doc = self.call("probe", args, timeout, "the probe", PROBE)
         if not doc["ok"]:
-            hint = ("fix the directory on the device as the message says, or pass another --remote-dir"
-                    if doc.get("kind") == "unsafe" else None)
+            # The probe's only file work is the remote directory: a failure there is fixed by choosing another.
+            hint = {"unsafe": "fix the directory on the device as the message says, or pass another --remote-dir",
+                    "io": f"pass a directory the device's user can create and write with --remote-dir PATH "
+                          f"(this one was {remote_dir})"}.get(str(doc.get("kind")))
             raise DeviceError(f"the probe on {self.host} failed: {doc['error']}", hint=hint, host=self.host)
         if not doc.get("remote_dir"):
             raise DeviceProtocolError(f"the probe on {self.host} did not resolve the remote directory (remote_dir)",
@@ -381,7 +420,8 @@ class DeviceClient:
         if not doc["ok"]:
             kind = doc.get("kind")
             hint = {"model": "the runtime on the device rejects this model; check it with `edgeq check`",
-                    "data": "fix the eval data (.npz with x shaped like the model input, y labels)",
+                    "data": "fix the eval data: an .npz with one array per model input name (or x for one "
+                            "input), samples on the first axis, labels y",
                     "eval_timeout": "use fewer eval samples (or a faster device)",
                     "no_runtime": "install ai-edge-litert or tflite-runtime on the device"}.get(kind or "")
             raise DeviceError(f"the runner on {self.host} failed on {what}: {doc['error']}", hint=hint,
@@ -404,7 +444,9 @@ class DeviceClient:
             args += ["--keep", str(keep)]
         doc = self.call("activate", args, timeout, "activating the model", ACTIVATE)
         if not doc["ok"]:
-            raise DeviceError(f"activating {digest[:12]} on {self.host} failed: {doc['error']}", host=self.host)
+            hint = _FOREIGN_HINT if doc.get("kind") == "foreign" else None
+            raise DeviceError(f"activating {digest[:12]} on {self.host} failed: {doc['error']}", hint=hint,
+                              host=self.host)
         return doc
 
     def rollback(self, lock: DeviceLock, timeout: float) -> dict[str, Any]:
@@ -412,7 +454,8 @@ class DeviceClient:
                         ROLLBACK)
         if not doc["ok"]:
             raise DeviceError(f"cannot roll back on {self.host}: {doc['error']}",
-                              hint="deploy a model first; rollback needs a previous one", host=self.host)
+                              hint=_FOREIGN_HINT if doc.get("kind") == "foreign" else
+                              "deploy a model first; rollback needs a previous one", host=self.host)
         return doc
 
     def layers(self, args: Sequence[str], timeout: float, what: str) -> dict[str, Any]:
@@ -452,6 +495,10 @@ class DeviceClient:
                 raise DeviceError(f"cannot lock {remote_dir} on {self.host}: {doc['error']}",
                                   hint="check that --remote-dir is a directory of yours on the device",
                                   host=self.host)
+        except (DeviceProtocolError, RemoteCommandError, RunnerCrashed):
+            # The runner may have taken the lock before its answer went wrong: give ours back (by token only).
+            self.release(DeviceLock(token, remote_dir, None, 0), timeout)
+            raise
         except BaseException:
             _forget(token)
             raise
@@ -493,6 +540,10 @@ class DeviceClient:
             self.release(lock, release_timeout)
 
 
+_FOREIGN_HINT = ("edgeq switches only a `current` it made; move yours aside as the message says and deploy again, "
+                 "or give edgeq its own --remote-dir")
+
+
 def _check_busy(doc: dict[str, Any], host: str) -> None:
     try:
         BUSY(doc, "result")
@@ -501,4 +552,4 @@ def _check_busy(doc: dict[str, Any], host: str) -> None:
                                   host=host) from None
 
 
-__all__ = ["DeviceClient", "DeviceLock", "controller_id", "decode_encoded", "runner_source"]
+__all__ = ["DeviceClient", "DeviceLock", "controller_id", "decode_encoded", "runner_program", "runner_source"]

@@ -130,6 +130,10 @@ class RemoteCommandError(DeviceError):
         self.output_tail = output_tail
 
 
+class CommandTooLong(DeviceError):
+    """A device command would exceed ``edgeq.transport.MAX_COMMAND_BYTES``; refused before it is sent."""
+
+
 class RunnerCrashed(DeviceError):
     """The on-device runner (or a local interpreter child) died, e.g. by a signal."""
 

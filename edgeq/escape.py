@@ -5,7 +5,8 @@ file or a report file someone else wrote, so renderers escape by default:
 
 * ``Html`` marks markup that edgeq itself built; ``html()`` escapes anything
   else, whatever its type (a "number" in a crafted report.json can be a string
-  holding ``<script>``), and ``html_join``/``tag`` compose safely.
+  holding ``<script>``), drops control characters (ESC, BEL; not tab or
+  newline), and ``html_join``/``tag`` compose safely.
 * ``md()`` makes a value inert inside Markdown text and table cells.
 * ``term()`` removes terminal control sequences (ESC, other C0/C1 controls);
   ``one_line()`` also folds newlines and bounds the length.
@@ -32,7 +33,9 @@ def html(value: Any) -> Html:
     """``value`` as HTML text: markup built by edgeq passes, everything else is escaped."""
     if isinstance(value, Html):
         return value
-    return Html(_html.escape("" if value is None else str(value), quote=True))
+    # Control characters (ESC, BEL, C1...) are dropped: a page saved and later shown with `cat`
+    # or pasted into a terminal must not carry a device's escape sequences. Tabs and newlines stay.
+    return Html(_html.escape(_CONTROL.sub("", "" if value is None else str(value)), quote=True))
 
 
 def html_join(parts: Iterable[Any], sep: str = "") -> Html:

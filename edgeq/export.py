@@ -155,27 +155,44 @@ def _write_together(out: Path, contents: dict[str, str]) -> None:
     """Write every file of ``contents`` into ``out``: all of them, or (on any error) none.
 
     Files are written atomically into an exclusively created staging directory
-    inside ``out``, then renamed into place; a failure (read-only directory, disk
-    full) removes what was written and is an InputError naming the path."""
+    inside ``out``, then swapped into place one by one: each previous file is
+    first moved aside into the staging directory. A failure (read-only or
+    immutable file, disk full) puts every previous file back, removes what was
+    written, and is an InputError naming the path: a failed ``--force`` leaves
+    the previous export as it was."""
     created_dir = not out.exists()
     staging: Path | None = None
-    moved: list[Path] = []
+    moved: list[Path] = []  # new files now in place
+    kept: list[tuple[Path, Path]] = []  # (previous file moved aside, where it was)
     try:
         out.mkdir(exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".edgeq-export-", dir=out))
+        previous = staging / "previous"
+        previous.mkdir()
         for name, text in contents.items():
             atomic_write(staging / name, text)
         for name in contents:
+            if os.path.lexists(out / name):
+                os.replace(out / name, previous / name)
+                kept.append((previous / name, out / name))
             os.replace(staging / name, out / name)
             moved.append(out / name)
     except BaseException as exc:  # all three files or none, whatever stopped us
         for p in moved:
             p.unlink(missing_ok=True)
-        if staging is not None:
+        restore_error = None
+        for aside, final in kept:
+            try:
+                os.replace(aside, final)
+            except OSError as err:  # keep the copy in the staging directory rather than lose it
+                restore_error = err
+        if staging is not None and restore_error is None:
             shutil.rmtree(staging, ignore_errors=True)
         if created_dir:
             shutil.rmtree(out, ignore_errors=True)
         hint = "check free space and permissions, or choose another -o"
+        if restore_error is not None:
+            hint = f"the previous files are in {staging / 'previous'}; move them back by hand"
         if isinstance(exc, InputError):
             raise InputError(f"cannot write the C sources to {out}: {exc.message}", hint) from None
         if isinstance(exc, OSError):

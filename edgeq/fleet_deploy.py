@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from edgeq import __version__
-from edgeq.deploy import DeployOptions, DeployResult, RollbackResult, _check_model, _sha256_file, deploy, rollback
+from edgeq.deploy import (TIMEOUT_FLAGS, DeployOptions, DeployResult, RollbackResult, _check_model, _sha256_file,
+                          check_timeout, deploy, rollback)
 from edgeq.device import DeviceClient
 from edgeq.errors import InputError, UsageError
 from edgeq.fleet import run_fleet
@@ -38,14 +39,19 @@ class FleetOptions:
     forks: int = 5
     host_deadline_s: Optional[float] = None  # default: the sum of the phase deadlines plus slack
 
-    def host_deadline(self) -> float:
+    def host_deadline(self, targets: Sequence["FleetTarget"] = ()) -> float:
+        """The per-host deadline: given, or the longest the phase deadlines of any target (its own
+        inventory timeouts included) allow."""
         if self.host_deadline_s is not None:
             return self.host_deadline_s
-        d = self.deploy
-        connect = d.ssh.connect_timeout * 3 * (1 + max(0, d.ssh.connect_retries))
-        backoff = sum(d.ssh.retry_backoff_s * 2 ** i for i in range(max(0, d.ssh.connect_retries)))
-        # probe, lock, activate and unlock use probe_timeout / cleanup_timeout.
-        return connect + backoff + 3 * d.probe_timeout + d.upload_timeout + d.run_timeout + d.cleanup_timeout + 30
+        return max([_phases_deadline(t.options) for t in targets] or [_phases_deadline(self.deploy)])
+
+
+def _phases_deadline(d: DeployOptions) -> float:
+    connect = d.ssh.connect_timeout * 3 * (1 + max(0, d.ssh.connect_retries))
+    backoff = sum(d.ssh.retry_backoff_s * 2 ** i for i in range(max(0, d.ssh.connect_retries)))
+    # probe, lock, activate and unlock use probe_timeout / cleanup_timeout.
+    return connect + backoff + 3 * d.probe_timeout + d.upload_timeout + d.run_timeout + d.cleanup_timeout + 30
 
 
 @dataclass(frozen=True)
@@ -143,12 +149,24 @@ def _bad_text(value: str) -> bool:
     return not value or bool(_CONTROL.search(value)) or value.startswith("-")
 
 
+def _host_timeouts(h: InventoryHost, opts: DeployOptions) -> DeployOptions:
+    """The host's own phase timeouts (inventory ``edgeq_probe_timeout`` etc.) over ``opts``, bounded."""
+    given = {}
+    for name in TIMEOUT_FLAGS:
+        value = getattr(h, name)  # edgeq.inventory reads (and bounds) edgeq_<name> from the host variables
+        if value is not None:
+            check_timeout(value, f"edgeq_{name}")
+            given[name] = float(value)
+    return replace(opts, **given) if given else opts
+
+
 def plan_fleet(hosts: Sequence[InventoryHost], base: DeployOptions) -> tuple[FleetTarget, ...]:
     """Resolve inventory hosts into per-host options; every invalid value is reported at once, before anything runs.
 
     Inventory variables override ``base``: ``ansible_host``, ``ansible_port``,
     ``ansible_user``, ``ansible_ssh_private_key_file``, ``ansible_python_interpreter``,
-    ``edgeq_remote_dir``; ``ansible_connection=local`` makes this machine the device.
+    ``edgeq_remote_dir``, ``edgeq_probe_timeout``, ``edgeq_upload_timeout``, ``edgeq_run_timeout``;
+    ``ansible_connection=local`` makes this machine the device.
     """
     if not hosts:
         raise InputError("the inventory selects no host", hint="check the file and --limit")
@@ -176,6 +194,7 @@ def plan_fleet(hosts: Sequence[InventoryHost], base: DeployOptions) -> tuple[Fle
                 opts = replace(opts, remote_dir=remote)
             elif _bad_text(opts.remote_dir):
                 raise UsageError(f"--remote-dir {opts.remote_dir!r} cannot be a directory")
+            opts = _host_timeouts(h, opts)
             key = v.get("ansible_ssh_private_key_file")
             ssh = opts.ssh
             if key is not None:
@@ -283,7 +302,7 @@ def _run(targets: Sequence[FleetTarget], options: FleetOptions, progress: Option
          work: Callable[[FleetTarget, Transport, Optional[ProgressCallback]], Any], action: str,
          model: Optional[dict[str, Any]]) -> FleetResult:
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    deadline = options.host_deadline()
+    deadline = options.host_deadline(targets)
 
     def do(job: _Job) -> Any:
         name = job.target.name

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import math
 import re
 import shlex
 import string
@@ -42,7 +43,16 @@ KNOWN_VARS = (
     "ansible_ssh_private_key_file",
     "ansible_python_interpreter",
     "edgeq_remote_dir",
+    "edgeq_probe_timeout",
+    "edgeq_upload_timeout",
+    "edgeq_run_timeout",
 )
+#: Per-host phase timeouts (seconds) an inventory may set, and the longest it may ask for.
+TIMEOUT_VARS = {"edgeq_probe_timeout": "probe_timeout", "edgeq_upload_timeout": "upload_timeout",
+                "edgeq_run_timeout": "run_timeout"}
+MAX_TIMEOUT_S = 86400.0
+_DIGITS = re.compile(r"^[0-9]{1,5}$")
+_DECIMAL = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9})?$")
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,10 @@ class InventoryHost:
     name: str
     vars: Mapping[str, Any]
     groups: tuple[str, ...]
+    #: ``edgeq_probe_timeout`` / ``edgeq_upload_timeout`` / ``edgeq_run_timeout`` in seconds (None: not set).
+    probe_timeout: float | None = None
+    upload_timeout: float | None = None
+    run_timeout: float | None = None
 
     @property
     def address(self) -> str:
@@ -59,8 +73,13 @@ class InventoryHost:
 
     @property
     def port(self) -> int | None:
+        """``ansible_port``, checked when the inventory was read (an integer from 1 to 65535)."""
         port = self.vars.get("ansible_port")
-        return None if port is None else int(port)
+        if port is None or (isinstance(port, int) and not isinstance(port, bool)):
+            return port
+        if isinstance(port, str) and _DIGITS.match(port.strip()):
+            return int(port.strip())
+        raise ValueError(f"ansible_port={_show(port)} is not a port number")
 
     @property
     def user(self) -> str | None:
@@ -161,13 +180,7 @@ class _Builder:
             for g in sorted(mine, key=lambda g: (depth.get(g, 0), g)):
                 merged.update(self.groups[g].vars)
             merged.update(self.host_vars[h])
-            hosts.append(
-                InventoryHost(
-                    name=h,
-                    vars=MappingProxyType(merged),
-                    groups=tuple(sorted(g for g in mine if g != "all")),
-                )
-            )
+            hosts.append(_checked_host(self.source, h, merged, tuple(sorted(g for g in mine if g != "all"))))
         return Inventory(
             source=self.source,
             hosts=tuple(hosts),
@@ -211,6 +224,48 @@ class _Builder:
                         nxt.append(c)
             frontier = nxt
         return depth
+
+
+def _port(value: Any, source: str, host: str) -> int:
+    """An ``ansible_port`` as given: a YAML/INI integer or a string of digits; never a float (22.9, 1e400, inf)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        port = value
+    elif isinstance(value, str) and _DIGITS.match(value.strip()):
+        port = int(value.strip())
+    else:
+        raise InputError(f"{source}: host {host!r}: ansible_port={_show(value)} is not a port number",
+                         "write the port as a whole number from 1 to 65535")
+    if not 0 < port < 65536:
+        raise InputError(f"{source}: host {host!r}: ansible_port={_show(value)} is out of range",
+                         "write the port as a whole number from 1 to 65535")
+    return port
+
+
+def _timeout(key: str, value: Any, source: str, host: str) -> float:
+    """A per-host timeout: positive, finite seconds, at most ``MAX_TIMEOUT_S``."""
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value) if (isinstance(value, float) or abs(value) < 10 ** 12) else math.inf
+    elif isinstance(value, str) and _DECIMAL.match(value.strip()):
+        seconds = float(value.strip())
+    if seconds is None or not math.isfinite(seconds) or not 0 < seconds <= MAX_TIMEOUT_S:
+        raise InputError(f"{source}: host {host!r}: {key}={_show(value)} is not a timeout",
+                         f"give a number of seconds above 0 and at most {MAX_TIMEOUT_S:g} (24 hours)")
+    return seconds
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _checked_host(source: str, name: str, merged: dict[str, Any], groups: tuple[str, ...]) -> InventoryHost:
+    """The host record, its edgeq-relevant values validated (a one-line error naming file and host)."""
+    if merged.get("ansible_port") is not None:
+        merged["ansible_port"] = _port(merged["ansible_port"], source, name)
+    timeouts = {field_name: _timeout(key, merged[key], source, name)
+                for key, field_name in TIMEOUT_VARS.items() if merged.get(key) is not None}
+    return InventoryHost(name=name, vars=MappingProxyType(merged), groups=groups, **timeouts)
 
 
 def load_inventory(path: str | Path) -> Inventory:

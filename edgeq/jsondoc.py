@@ -1,8 +1,10 @@
 """JSON from elsewhere (a device's answer, a report file someone else wrote): finite numbers, bounded nesting.
 
-``loads`` is ``json.loads`` that refuses ``NaN``, ``Infinity`` and numbers that overflow to infinity
-(``1e999``), so every float it returns is finite; it may still raise ``RecursionError`` on absurd nesting,
-which callers report as "nested too deeply". ``depth`` measures nesting without recursion.
+``loads`` is ``json.loads`` that refuses ``NaN``, ``Infinity``, numbers that overflow to infinity
+(``1e999``) and integers longer than ``MAX_INT_DIGITS`` digits (``10**400``: no count, size or time edgeq
+reads is that long, and such an integer overflows every float conversion after it), so every number it returns
+converts to a finite float; it may still raise ``RecursionError`` on absurd nesting, which callers report as
+"nested too deeply". ``depth`` measures nesting without recursion.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 from typing import Any
+
+MAX_INT_DIGITS = 20  # 2**64 has 20 digits: any byte count, id or time in nanoseconds fits
 
 
 def _no_constants(name: str) -> Any:
@@ -23,9 +27,16 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits ({text[:20]}...) is out of range")
+    return int(text)
+
+
 def loads(text: str | bytes) -> Any:
-    """Parse JSON text; ``ValueError`` for invalid JSON, NaN/Infinity or a number that is not finite."""
-    return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
+    """Parse JSON text; ``ValueError`` for invalid JSON, NaN/Infinity, a number that is not finite or an integer
+    of more than ``MAX_INT_DIGITS`` digits."""
+    return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float, parse_int=_bounded_int)
 
 
 def depth(doc: Any, limit: int) -> int:

@@ -172,6 +172,71 @@ def delegated_nodes(ops: list[dict[str, Any]]) -> dict[str, Any]:
             "not_delegated": [[int(o["index"]), str(o["op_name"])] for o in own if int(o["index"]) not in taken]}
 
 
+def litert_shapes(model_path: str, shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """Child side: resize the inputs (``{tensor index: shape}``) in LiteRT and read every tensor's shape after."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    with _CaptureStderr():
+        # Without delegates: XNNPACK keeps the tensors inside its partitions at their old shapes (measured).
+        interp = Interpreter(model_path=model_path,
+                             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        for index, shape in shapes.items():
+            interp.resize_tensor_input(int(index), [int(d) for d in shape], strict=True)
+        interp.allocate_tensors()
+    return {"shapes": {str(int(d["index"])): [int(x) for x in d["shape"]] for d in interp.get_tensor_details()}}
+
+
+def propagate_shapes(model_path: str, shapes: dict[int, tuple[int, ...]], timeout: float = 60.0) -> Measurement:
+    """Every tensor's shape once the inputs take ``shapes``, as LiteRT propagates them (in a child)."""
+    res = run_in_child("edgeq.micro", "litert_shapes",
+                       {"model_path": str(model_path), "shapes": {str(k): list(v) for k, v in shapes.items()}},
+                       timeout=timeout)
+    return _from_child(res, "ai_edge_litert")
+
+
+def with_tensor_shapes(data: bytes, shapes: dict[int, tuple[int, ...]]) -> bytes:
+    """The ``.tflite`` bytes with the stored shapes of main-subgraph tensors rewritten in place.
+
+    TFLite Micro cannot resize inputs; it plans with the shapes in the file,
+    so a model with unknown dims is measured at a concrete shape by rewriting
+    them (same rank, so every vector keeps its length). ``ValueError`` when a
+    shape does not fit its vector.
+    """
+    import struct
+
+    from edgeq.tflite_file import _Reader
+
+    r = _Reader(data, "model")
+    out = bytearray(data)
+    written: dict[int, tuple[int, ...]] = {}
+    root = r.u32(0)
+    subgraphs = r.tables(root, 2)
+    if not subgraphs:
+        raise ValueError("no subgraphs")
+    for i, t in enumerate(r.tables(subgraphs[0], 0)):
+        if i not in shapes:
+            continue
+        vec = r.vector(t, 0)
+        shape = tuple(int(d) for d in shapes[i])
+        if vec is None or vec[1] != len(shape) or vec[0] + 4 * len(shape) > len(out):
+            raise ValueError(f"tensor {i}: the new shape {shape} does not fit the stored one")
+        if written.get(vec[0], shape) != shape:
+            raise ValueError(f"tensor {i} shares its shape vector with another tensor of another shape")
+        written[vec[0]] = shape
+        struct.pack_into(f"<{len(shape)}i", out, vec[0], *shape)
+    return bytes(out)
+
+
+def package_version(name: str) -> Optional[str]:
+    """An installed distribution's version (without importing it), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _from_child(res: ChildResult, package: str) -> Measurement:
     if res.ok:
         return Measurement(True, values=dict(res.value), seconds=res.seconds, log_tail=res.stderr_tail)

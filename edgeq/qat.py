@@ -42,6 +42,7 @@ class QatOptions:
     seed: int = 0
     input_type: str = "int8"
     output_type: str = "int8"
+    warn_drop: float = 5.0  # warn when the QAT model loses more than this many points against float
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,7 @@ class QatResult:
     full_integer: bool
     sha256: str
     seconds: float
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         from edgeq import __version__
@@ -278,6 +280,7 @@ class QatResult:
                 "full_integer": self.full_integer,
             },
             "seconds": round(self.seconds, 3),
+            "warnings": list(self.warnings),
         }
 
     def summary_lines(self) -> list[str]:
@@ -291,7 +294,7 @@ class QatResult:
             f"  {what:<16} float {self.float_accuracy:5.1f}%   PTQ int8 {self.ptq_accuracy:5.1f}%   "
             f"QAT int8 {self.qat_accuracy:5.1f}%",
             f"  size             PTQ {self.ptq_bytes / 1024:.1f} KB   QAT {self.qat_bytes / 1024:.1f} KB",
-        ]
+        ] + [f"warning: {w}" for w in self.warnings]
 
 
 def qat_convert(model: str, train: str, calib: str, eval_data: str, output: str,
@@ -306,7 +309,7 @@ def qat_convert(model: str, train: str, calib: str, eval_data: str, output: str,
     from edgeq import convert as conv
     from edgeq.calibration import DataOptions, load_dataset
     from edgeq.repair import _score
-    from edgeq.safeio import atomic_write
+    from edgeq.safeio import atomic_write, refuse_output_over_input
 
     t0 = time.perf_counter()
     data = data or DataOptions()
@@ -315,6 +318,10 @@ def qat_convert(model: str, train: str, calib: str, eval_data: str, output: str,
     conv.model_format(model)
     conv._check_output(out_path, "output")
     conv._check_output(rpath, "report")
+    refuse_output_over_input([("output", out_path), ("report", rpath)],
+                             [("model", model), ("training data", conv._data_path(train)),
+                              ("calibration data", conv._data_path(calib)),
+                              ("evaluation data", conv._data_path(eval_data))])
     with conv.quiet_tensorflow(), tempfile.TemporaryDirectory(prefix="edgeq-qat-") as work:
         loaded = conv.load_model(model)
         if loaded.loader == "saved_model":
@@ -349,9 +356,14 @@ def qat_convert(model: str, train: str, calib: str, eval_data: str, output: str,
     if floats:
         raise ConversionError(f"the QAT model still has {len(floats)} float tensors (e.g. {floats[0].name})",
                               "replace the layers TFLite cannot quantize")
+    # A collapsed QAT model is not a success: say so, with the way out (the budgeted repair).
+    collapsed = conv.collapse_warning(float_acc - qat_acc, "accuracy" if metric == "accuracy"
+                                      else "agreement with the float model", options.warn_drop,
+                                      "train longer (--epochs, --learning-rate), or let edgeq convert --max-drop "
+                                      "PTS choose among its repairs")
     result = QatResult(str(model), str(out_path), str(rpath), metric, float_acc, ptq_acc, qat_acc, ptq.size_bytes,
                        len(trained.content), trained, True, hashlib.sha256(trained.content).hexdigest(),
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, (collapsed,) if collapsed else ())
     atomic_write(out_path, trained.content)
     atomic_write(rpath, (json.dumps(result.to_dict(), indent=2) + "\n").encode())
     return result

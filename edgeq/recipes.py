@@ -9,18 +9,13 @@ here: ``edgeq --help`` and the sweep's planning read recipes without it.
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from edgeq.errors import RecipeError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from edgeq.safeio import load_toml
 
 ACTIVATIONS = ("float", "dynamic-int8", "int8", "int16")
 GRANULARITIES = ("per-channel", "per-tensor", "blockwise")
@@ -119,25 +114,7 @@ def load_recipes(path: Optional[str | Path] = None) -> RecipeTable:
     """Read and validate a recipe table (the shipped one when ``path`` is None)."""
     p = Path(path) if path is not None else default_recipes_path()
     where = str(p)
-    try:
-        if p.is_dir():
-            raise RecipeError(f"{where} is a directory, not a recipe file", "give a .toml file")
-        if p.exists() and not p.is_file():  # a FIFO or device would block or never end
-            raise RecipeError(f"{where} is not a regular file", "give a .toml file")
-        with open(p, "rb") as f:
-            raw = f.read(_MAX_FILE + 1)
-    except FileNotFoundError:
-        raise RecipeError(f"{where}: no such recipe file", "check the path given to --recipe-file") from None
-    except OSError as exc:
-        raise RecipeError(f"{where}: cannot read ({exc.strerror or exc})") from None
-    if len(raw) > _MAX_FILE:
-        raise RecipeError(f"{where}: larger than {_MAX_FILE} bytes, not a recipe table")
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise RecipeError(f"{where}: not UTF-8 text", "give a TOML recipe table") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{where}: not valid TOML ({exc})") from None
+    doc = load_toml(p, _MAX_FILE, where, RecipeError, "check the path given to --recipe-file", kind="recipe file")
     unknown = sorted(set(doc) - {"recipe"})
     if unknown:
         raise RecipeError(f"{where}:{unknown[0]}: unknown key", "a recipe file holds [[recipe]] tables only")

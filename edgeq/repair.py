@@ -46,7 +46,7 @@ import numpy as np
 
 from edgeq import __version__
 from edgeq.calibration import DataOptions, Dataset, load_dataset
-from edgeq.errors import EdgeqError, InputError, OverBudget, UsageError
+from edgeq.errors import ConversionError, EdgeqError, InputError, OverBudget, UsageError
 from edgeq.progress import ProgressCallback, report
 
 FIXES = ("calibration", "equalize", "mixed-int16", "float-fallback", "qat")
@@ -178,9 +178,10 @@ class RepairResult:
         if self.output:
             lines += [f"wrote {self.output}  ({self.best.fix if self.met else 'best, over budget'})",
                       f"report {self.report_path}"]
-        lines += [f"repair: float {what} {self.float_accuracy:.1f}%, int8 {b.accuracy:.1f}% "
-                 f"(drop {b.drop:.1f} points, budget {self.max_drop:g})"
-                 + (f", target {self.target}" if self.target else "")]
+        int8 = (f"int8 {b.accuracy:.1f}% (drop {b.drop:.1f} points," if b.tried
+                else f"full int8 cannot be made ({b.detail.split(': ', 1)[-1]};")
+        lines += [f"repair: float {what} {self.float_accuracy:.1f}%, {int8} budget {self.max_drop:g})"
+                  + (f", target {self.target}" if self.target else "")]
         bad = [d for d in self.diagnosis if d.findings]
         for d in bad[:3]:
             lines.append(f"  layer {d.layer}: {d.findings[0]}")
@@ -504,6 +505,9 @@ def _fix_equalize(work: _Work, max_drop: float) -> Attempt:
     if work.loaded.loader == "saved_model":
         return Attempt("equalize", "skipped", "needs a Keras model (.keras or .h5); a SavedModel has no layers "
                        "to rescale")
+    if work.loaded.stages is not None:  # a PyTorch model (edgeq.torch_convert)
+        return Attempt("equalize", "skipped", "needs a Keras model (.keras or .h5); PyTorch models get the "
+                       "fixes that apply to the float .tflite (calibration, mixed int16, float fallback)")
     from edgeq.equalize import equalize
 
     report(work.progress, "repair", "cross-layer equalization")
@@ -619,6 +623,12 @@ def _fix_mixed(work: _Work, layers: tuple[str, ...], max_drop: float) -> Attempt
     except Exception as exc:  # noqa: BLE001 - litert-quantizer raises many kinds
         return Attempt("mixed-int16", "failed", f"litert-quantizer: {_first(exc)}", layers=layers,
                        seconds=time.perf_counter() - t)
+    # litert-quantizer leaves ops it cannot quantize in float without a word: this fix claims integers.
+    left = _convert_module()._float_ops(quantized.tflite, quantized.input_type, quantized.output_type)
+    if left:
+        ops_left = ", ".join(dict.fromkeys(op for op, _ in left))
+        return Attempt("mixed-int16", "failed", f"litert-quantizer left {ops_left} in float32", layers=layers,
+                       seconds=time.perf_counter() - t)
     detail = f"int16 activations for {', '.join(layers)} ({', '.join(ops)}), int8 elsewhere"
     return _measure(work, "mixed-int16", quantized, detail, t, max_drop, layers)
 
@@ -651,6 +661,9 @@ def _fix_qat(work: _Work, options: RepairOptions, max_drop: float) -> Attempt:
         return Attempt("qat", "skipped", "needs --train DATA (inputs and labels) for quantization-aware training")
     if work.loaded.loader == "saved_model":
         return Attempt("qat", "skipped", "needs a Keras model (.keras or .h5)")
+    if work.loaded.stages is not None:  # a PyTorch model: PT2E QAT needs the user's own training loop
+        return Attempt("qat", "skipped", "needs a Keras model (.keras or .h5); for a PyTorch model, train with "
+                       "PT2E QAT (prepare_qat_pt2e) in your own training loop")
     from edgeq.qat import QatError, QatOptions, quantization_aware_training
 
     report(work.progress, "repair", "quantization-aware training")
@@ -744,25 +757,45 @@ def convert_with_budget(
                      options.data, progress)
 
         t = time.perf_counter()
-        base_q = conv.quantize(float_model, calibration, recipe, io_types, progress)
-        validation = conv.validate(base_q, float_model, eval_data, calibration, 10, progress)
-        work.metric, work.float_accuracy, base_acc = _score(validation.fidelity)
-        runs, fast, note = _target_verdict(work, base_q.content)
-        drop = work.float_accuracy - base_acc
-        baseline = Attempt("baseline", "meets budget" if drop <= repair.max_drop + 1e-9 else "over budget",
-                           f"full int8 ({recipe.name}), no repair", base_acc, drop, base_q.size_bytes, runs, fast,
-                           note, (), time.perf_counter() - t)
-        if runs is False:
-            baseline = replace(baseline, status="does not run on target")
-        contents: dict[str, bytes] = {"baseline": base_q.content}
+        try:
+            base_q = conv.quantize(float_model, calibration, recipe, io_types, progress)
+        except conv.FloatOpsLeft as exc:
+            # Full int8 cannot be made (e.g. an op without an int8 kernel): the fixes that keep those
+            # layers out of int8 still can; the ones that keep the model full int8 cannot.
+            base_q, base_error = None, exc
+        contents: dict[str, bytes] = {}
+        validation = None
+        if base_q is not None:
+            validation = conv.validate(base_q, float_model, eval_data, calibration, 10, progress)
+            work.metric, work.float_accuracy, base_acc = _score(validation.fidelity)
+            runs, fast, note = _target_verdict(work, base_q.content)
+            drop = work.float_accuracy - base_acc
+            baseline = Attempt("baseline", "meets budget" if drop <= repair.max_drop + 1e-9 else "over budget",
+                               f"full int8 ({recipe.name}), no repair", base_acc, drop, base_q.size_bytes, runs,
+                               fast, note, (), time.perf_counter() - t)
+            if runs is False:
+                baseline = replace(baseline, status="does not run on target")
+            contents["baseline"] = base_q.content
+        else:
+            ref = conv._float_reference(float_model, eval_data, None)
+            work.metric, work.float_accuracy, _ = _score(conv._fidelity(ref, ref, eval_data.labels))
+            baseline = Attempt("baseline", "failed", f"full int8 ({recipe.name}) cannot be made: {base_error.message}",
+                               layers=base_error.layers, seconds=time.perf_counter() - t)
         attempts: list[Attempt] = []
         diagnosis: tuple[LayerDiagnosis, ...] = ()
-        warns: list[str] = list(validation.warnings)
+        warns: list[str] = list(validation.warnings) if validation is not None else []
         chosen: Optional[str] = "baseline" if baseline.status == "meets budget" else None
         if chosen is None:
-            diagnosis = _diagnose(work, validation, warns)
-            layers = _named_layers(diagnosis, list(loaded.layer_names), repair.max_layers)
+            if validation is not None:
+                diagnosis = _diagnose(work, validation, warns)
+                layers = _named_layers(diagnosis, list(loaded.layer_names), repair.max_layers)
+            else:
+                layers = base_error.layers
             for fix in [f for f in FIXES if f in repair.fixes]:  # cheapest first, whatever order was given
+                if validation is None and fix in ("calibration", "equalize", "qat"):
+                    attempts.append(Attempt(fix, "skipped", "keeps the model full int8, which cannot be made "
+                                            f"(layers {', '.join(layers) or '?'} have ops without int8 kernels)"))
+                    continue
                 if fix == "calibration":
                     a = _fix_calibration(work, diagnosis, repair.max_drop)
                 elif fix == "equalize":
@@ -780,12 +813,17 @@ def convert_with_budget(
                 if a.status == "meets budget":
                     chosen = a.fix
                     break
-        tried = [baseline] + [a for a in attempts if a.tried]
+        tried = [a for a in [baseline, *attempts] if a.tried]
+        if not tried:  # full int8 could not be made and no fix made anything else
+            why = "; ".join(f"{a.fix}: {a.status} ({a.detail})" for a in attempts if a.status != "skipped")
+            raise ConversionError(base_error.message, (base_error.hint or "") + (f"; --max-drop tried {why}"
+                                                                                if why else ""))
         runnable = [a for a in tried if a.runs_on_target is not False] or tried
         best = next((a for a in tried if a.fix == chosen), None) or max(runnable, key=lambda a: a.accuracy or 0.0)
         write = chosen is not None or repair.keep_best
         result = RepairResult(str(model_path), work.metric, work.float_accuracy, baseline, float(repair.max_drop),
-                              target.name if target is not None else None, diagnosis, validation.ranges,
+                              target.name if target is not None else None, diagnosis,
+                              validation.ranges if validation is not None else None,
                               tuple(attempts), chosen, best, str(out_path) if write else None,
                               str(report_path) if write else None, seconds=time.perf_counter() - t0)
         if write:

@@ -99,7 +99,11 @@ _SCHEMA: dict[str, Any] = {
     "latency_ms": {**{k: _NUM for k in ("min", "p50", "p90", "p99", "mean", "std", "max")}, "count": _INT,
                    "samples": [_NUM]},
     "load_ms": _NUM, "first_inference_ms": _NUM, "peak_rss_bytes": _NUM, "accuracy": _NUM, "mae": _NUM,
-    "eval": {"samples": _INT},
+    "eval": {"samples": _INT, "rows": _INT,
+             "outputs": [{"name": _STR, "kind": _STR, "samples": _INT, "labels": _STR, "accuracy": _NUM,
+                          "host_accuracy": _NUM, "agreement": _NUM, "label_mae": _NUM, "max_abs_diff": _NUM,
+                          "sqnr_db": _NUM}]},
+    "settings": {"resized": [{"input": _STR, "shape": [_INT], "source": _STR}]},
     "agreement": {"top1": _NUM, "host_accuracy": _NUM, "max_abs_diff": _NUM, "max_abs_diff_steps": _NUM,
                   "samples": _INT, "reference_runtime": _STR, "reference_version": _STR, "error": _STR},
     "device": {**{k: _STR for k in ("arch", "cpu_model", "board", "os", "kernel", "python", "numpy",
@@ -108,7 +112,8 @@ _SCHEMA: dict[str, Any] = {
                "thermal_zones": [{"celsius": _NUM, "type": _STR}], "throttling": {"raw": _STR},
                "disk": {"free_bytes": _NUM}, "emulation": {"emulated": _BOOL}},
     "runtime": {"name": _STR, "version": _STR, "threads": _INT, "xnnpack": _BOOL},
-    "transfer": {"model_bytes_sent": _NUM},
+    "transfer": {"model_bytes_sent": _NUM, "method": _STR},
+    "delegate": {"requested": _STR, "applied": _BOOL, "delegated_nodes": _INT, "nodes": _INT},
     "activation": {"active": _STR},
     "warnings": [_STR],
 }
@@ -319,13 +324,80 @@ def device_facts(doc: dict) -> list[tuple[str, str]]:
         ("OS", f"{dev.get('os', '-')} (kernel {dev.get('kernel', '-')})"),
         ("Python / numpy", f"{dev.get('python', '-')} / {dev.get('numpy', '-')}"),
         ("Runtime", f"{rt.get('name', '-')} {rt.get('version', '')}"),
-        ("Threads / XNNPACK", f"{rt.get('threads') or 'default'} / {'on' if rt.get('xnnpack') else 'off'}"),
+        ("Threads / XNNPACK", f"{rt.get('threads') or 'default'} / {'requested' if rt.get('xnnpack') else 'off'}"),
         ("Memory", f"{_bytes(dev.get('mem_available_bytes'))} free of {_bytes(dev.get('mem_total_bytes'))}"),
         ("CPU governor", str(dev.get("cpu_governor") or "-")),
         ("Temperature", _temp(dev)),
         ("Throttling", _throttle(dev)),
         ("Disk free", _bytes(_d(dev.get("disk")).get("free_bytes"))),
+        ("Delegate applied", delegate_text(doc)),
+        ("Transfer", transfer_text(doc)),
     ]
+
+
+def delegate_text(doc: dict) -> str:
+    """What the delegate really took on the device (not the requested setting)."""
+    dg = _d(doc.get("delegate"))
+    if not dg:
+        return "not reported (older runner)"
+    requested = _text(dg.get("requested") or "none", 32)
+    applied = dg.get("applied")
+    if applied is None:
+        return f"{requested} requested; unknown (the runtime does not list its nodes)"
+    taken, nodes = _int(dg.get("delegated_nodes")), _int(dg.get("nodes"))
+    if applied is True:
+        return f"{requested}: yes, {taken} of {nodes} nodes"
+    return f"{requested} requested: no, 0 of {nodes} nodes (built-in kernels)" if dg.get("requested") else \
+        f"none: {nodes} nodes on built-in kernels"
+
+
+def transfer_text(doc: dict) -> str:
+    """How the files travelled (sftp, exec channel, local copy) and how much."""
+    tr = _d(doc.get("transfer"))
+    method = tr.get("method")
+    sent = _num(tr.get("model_bytes_sent")) or 0
+    how = _text(method, 16) if isinstance(method, str) else "nothing sent"
+    return f"{how}; model {_bytes(sent)} sent" + ("" if sent else " (already on the device)")
+
+
+OUTPUT_HEADER = ["output", "kind", "samples", "labels", "accuracy (device)", "accuracy (host)",
+                 "agreement device/host", "MAE vs labels", "max |diff| vs host", "SQNR dB"]
+
+
+def _outputs(doc: dict) -> list[dict]:
+    return [o for o in _list(_d(doc.get("eval")).get("outputs"))[:256] if isinstance(o, dict)]
+
+
+def output_rows(doc: dict) -> list[list[Any]]:
+    """One row per model output (``OUTPUT_HEADER``): its kind and figures; only when a model has several
+    outputs or one that is not a classifier (a classifier alone is the accuracy line)."""
+    outs = _outputs(doc)
+    if not outs or (len(outs) == 1 and outs[0].get("kind") == "classifier"):
+        return []
+    return [[_text(o.get("name"), 80), _text(o.get("kind"), 20), _int(o.get("samples")), _text(o.get("labels"), 80),
+             _pct(o.get("accuracy")), _pct(o.get("host_accuracy")), _pct(o.get("agreement")),
+             _g(o.get("label_mae"), ".5g"), _g(o.get("max_abs_diff")), _g(o.get("sqnr_db"), ".3g")] for o in outs]
+
+
+def resize_lines(doc: dict) -> list[str]:
+    """"input 'img' resized to 1x32x32x3 from the eval data" for each dynamic input the device resized."""
+    lines = []
+    for r in _list(_d(doc.get("settings")).get("resized"))[:16]:
+        if isinstance(r, dict):
+            shape = "x".join(str(_int(d)) for d in _list(r.get("shape"))[:16])
+            lines.append(f"input '{_text(r.get('input'), 80)}' resized to {shape} from {_text(r.get('source'), 40)}")
+    return lines
+
+
+def _accuracy_label(doc: dict) -> str:
+    """What the top-level accuracy is: "top-1" of the class head, or "pixel" accuracy, naming the output when
+    the model has several."""
+    outs = _outputs(doc)
+    main = next((o for o in outs if _num(o.get("accuracy")) is not None), None)
+    if main is None:
+        return "top-1"
+    what = "pixel" if main.get("kind") == "segmentation" else "top-1"
+    return what + (f" of output {_text(main.get('name'), 80)}" if len(outs) > 1 else "")
 
 
 def summary_lines(result: ReportLike) -> list[str]:
@@ -338,7 +410,7 @@ def summary_lines(result: ReportLike) -> list[str]:
     lines = [
         f"{_text(model.get('name', 'model'), 120)} on {_text(doc.get('host'), 120)} ({_text(dev.get('arch', '?'), 40)}, "
         f"{_text(dev.get('cpu_model') or '?', 80)}): {_text(rt.get('name'), 40)} {_text(rt.get('version'), 40)}, "
-        f"XNNPACK {'on' if rt.get('xnnpack') else 'off'}, threads {_text(rt.get('threads') or 'default', 20)}",
+        f"XNNPACK {'requested' if rt.get('xnnpack') else 'off'}, threads {_text(rt.get('threads') or 'default', 20)}",
         f"  latency  p50 {_ms(lat.get('p50'))}  p90 {_ms(lat.get('p90'))}  p99 {_ms(lat.get('p99'))}  "
         f"(min {_ms(lat.get('min'))}, mean {_ms(lat.get('mean'))} ± {_ms(lat.get('std'))}, "
         f"{_int(lat.get('count', 0))} runs)",
@@ -349,10 +421,16 @@ def summary_lines(result: ReportLike) -> list[str]:
         lines.append("  emulated device (qemu): accuracy carries over to real hardware, latency does not")
     ev = _d(doc.get("eval"))
     samples = _int(ev.get("samples")) if ev.get("samples") is not None else "?"
+    if _num(ev.get("rows")) is not None and _num(ev.get("samples")) is not None and ev["rows"] < ev["samples"]:
+        samples = f"the first {_int(ev['rows'])} of {samples}"
+    lines += [f"  {line}" for line in resize_lines(doc)]
     if _num(doc.get("accuracy")) is not None:
-        lines.append(f"  accuracy {_pct(doc['accuracy'])} top-1 on {samples} samples (on the device)")
+        lines.append(f"  accuracy {_pct(doc['accuracy'])} {_accuracy_label(doc)} on {samples} samples (on the device)")
     elif _num(doc.get("mae")) is not None:
         lines.append(f"  MAE {_g(doc['mae'], '.5g')} on {samples} samples (on the device)")
+    for row in output_rows(doc):
+        figures = ", ".join(f"{h} {v}" for h, v in zip(OUTPUT_HEADER[4:], row[4:]) if str(v) != "-")
+        lines.append(f"  output {row[0]} ({row[1]}): {figures or 'no figures'}")
     ag = _d(doc.get("agreement"))
     if ag:
         if ag.get("error"):
@@ -365,7 +443,9 @@ def summary_lines(result: ReportLike) -> list[str]:
                          f"{host_acc}")
     tr = _d(doc.get("transfer"))
     sent = _num(tr.get("model_bytes_sent")) or 0
-    lines.append(f"  sent {_bytes(sent)} of model" + (" (already on the device)" if not sent else ""))
+    method = f" over {_text(tr['method'], 16)}" if sent and isinstance(tr.get("method"), str) else ""
+    lines.append(f"  sent {_bytes(sent)} of model{method}" + (" (already on the device)" if not sent else ""))
+    lines.append(f"  delegate applied: {delegate_text(doc)}")
     for w in _list(doc.get("warnings"))[:50]:
         lines.append(f"  warning: {_text(w, 300)}")
     return lines
@@ -414,6 +494,12 @@ def render_markdown(result: ReportLike) -> str:
         if ag.get("error"):
             out.append(_md_row([_Fmt("agreement"), _Fmt("not measured: " + md(ag["error"]))]))
         out.append("")
+        rows = output_rows(doc)
+        if rows:
+            out += ["## Outputs", "", _md_row([_Fmt(h) for h in OUTPUT_HEADER]),
+                    "|" + "---|" * len(OUTPUT_HEADER)] + [_md_row(r) for r in rows] + [""]
+    if resize_lines(doc):
+        out += ["## Input shape", ""] + [f"- {md(line)}" for line in resize_lines(doc)] + [""]
     out += ["## Device", "", "| fact | value |", "|---|---|"]
     out += [_md_row([_Fmt(k), v]) for k, v in device_facts(doc)]  # labels are ours, values the device's
     warnings = _list(doc.get("warnings"))
@@ -573,6 +659,10 @@ def render_html(result: ReportLike) -> str:
             tag("h2", "Latency"), stats, tag("div", _svg_histogram(samples), _svg_series(samples), class_="charts")]
     if acc_chart or extra:
         body += [tag("h2", "Accuracy"), acc_chart, extra]
+    if output_rows(doc):
+        body += [tag("h2", "Outputs"), _table(output_rows(doc), OUTPUT_HEADER)]
+    if resize_lines(doc):
+        body += [tag("h2", "Input shape"), *[tag("p", line) for line in resize_lines(doc)]]
     body += [tag("h2", "Device"), _table(device_facts(doc))]
     return _page(f"edgeq report: {model.get('name')} on {doc.get('host')}", *body)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from edgeq import __version__
-from edgeq.deploy import DeployResult
+from edgeq.deploy import DeployOptions, DeployResult, timeout_hint
 from edgeq.device import DeviceClient, DeviceLock
 from edgeq.errors import ConnectError, DeviceError, ExitCode, UsageError
 from edgeq.fleet import run_fleet
@@ -260,9 +260,12 @@ def _p99(samples: Any) -> Optional[float]:
 
 
 def check_gate(dev: DeviceClient, lock: DeviceLock, expected: str, eval_remote: Optional[str],
-               options: RolloutOptions) -> GateResult:
-    """Run the model from ``REMOTE_DIR/current`` and judge it against the gate (under ``lock``)."""
-    d = options.fleet.deploy
+               options: RolloutOptions, host_options: Optional[DeployOptions] = None) -> GateResult:
+    """Run the model from ``REMOTE_DIR/current`` and judge it against the gate (under ``lock``).
+
+    ``host_options``: the host's own options (its inventory timeouts); default the fleet's.
+    """
+    d = host_options or options.fleet.deploy
     path = f"{lock.remote_dir}/current/model.tflite"
     active = _sha_or_none(dev.state(lock.remote_dir, d.probe_timeout).get("current"))
     if active != expected:
@@ -281,7 +284,8 @@ def check_gate(dev: DeviceClient, lock: DeviceLock, expected: str, eval_remote: 
     if not d.xnnpack:
         args.append("--no-xnnpack")
     try:
-        doc = dev.run(args, d.run_timeout, "the health gate", max_samples=max(d.max_runs, d.runs))
+        with timeout_hint(d, "run_timeout"):
+            doc = dev.run(args, d.run_timeout, "the health gate", max_samples=max(d.max_runs, d.runs))
     except ConnectError:
         raise
     except DeviceError as exc:  # the model does not load or infer from current: that is the gate failing
@@ -337,7 +341,7 @@ def _gate_host(target: FleetTarget, result: DeployResult, options: RolloutOption
         dev = DeviceClient(tr, d.device_python())
         report(progress, "gate", f"health gate from {remote_dir}/current", host=name)
         with dev.locked(remote_dir, d.probe_timeout, d.lock_stale_s, ttl, d.cleanup_timeout, sha) as lock:
-            gate = check_gate(dev, lock, sha, eval_remote, options)
+            gate = check_gate(dev, lock, sha, eval_remote, options, d)
             if gate.passed:
                 return _GateOutcome(gate, None, "ok", None)
             why = "; ".join(gate.reasons)
@@ -366,10 +370,12 @@ class _GateJob(HostJob):
         self.result = result
 
 
-def _gate_deadline(options: RolloutOptions) -> float:
-    d = options.fleet.deploy
-    connect = d.ssh.connect_timeout * 3 * (1 + max(0, d.ssh.connect_retries))
-    return connect + 4 * d.probe_timeout + d.run_timeout + d.cleanup_timeout + 30
+def _gate_deadline(options: RolloutOptions, targets: Sequence[FleetTarget] = ()) -> float:
+    """How long a host's gate may take: the longest its phase timeouts allow (inventory timeouts included)."""
+    def one(d: Any) -> float:
+        connect = d.ssh.connect_timeout * 3 * (1 + max(0, d.ssh.connect_retries))
+        return connect + 4 * d.probe_timeout + d.run_timeout + d.cleanup_timeout + 30
+    return max([one(t.options) for t in targets] or [one(options.fleet.deploy)])
 
 
 def _gate_batch(deployed: Sequence[tuple[FleetTarget, DeployResult]], options: RolloutOptions,
@@ -381,7 +387,7 @@ def _gate_batch(deployed: Sequence[tuple[FleetTarget, DeployResult]], options: R
         return _gate_host(job.target, job.result, options, job.make_transport(), progress)
 
     run = run_fleet(jobs, lambda j: j.target.name, work, forks=options.fleet.forks,
-                    deadline_s=_gate_deadline(options), cancel=lambda j: j.cancel())
+                    deadline_s=_gate_deadline(options, [t for t, _r in deployed]), cancel=lambda j: j.cancel())
     out: dict[str, tuple[str, Optional[str], Optional[str], Any]] = {}
     for o in run.outcomes:
         if o.ok:

@@ -34,6 +34,20 @@ _SECRET_PREFIXES = ("EDGEQ_SSH_",)
 _SECRET_NAMES = frozenset({"SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_ASKPASS"})
 
 
+# The child's first statement, before it imports anything: ``python -c`` puts the working directory
+# first on sys.path (a json.py or numpy.py beside a downloaded model would run), so that entry goes;
+# the directory edgeq itself was imported from (argv[1]) is put back at the end, after the standard
+# library and site-packages. Not ``-I``: it would also drop user site-packages and PYTHONPATH, where
+# edgeq, TensorFlow or a runtime may legitimately be installed.
+_CHILD_BOOTSTRAP = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')] + sys.argv[1:2]; "
+                    "from edgeq.sandbox import _child_main; _child_main()")
+
+
+def _edgeq_root() -> str:
+    """The sys.path entry edgeq was imported from (site-packages, or a source checkout)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def child_env(base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """``base`` (default ``os.environ``) without secrets: what every child process edgeq starts gets."""
     source = os.environ if base is None else base
@@ -88,7 +102,7 @@ def run_in_child(module: str, function: str, kwargs: dict[str, Any], timeout: fl
     t0 = time.monotonic()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from edgeq.sandbox import _child_main; _child_main()"],
+            [sys.executable, "-c", _CHILD_BOOTSTRAP, _edgeq_root()],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -28,8 +28,8 @@ from edgeq import __version__
 from edgeq.calibration import DataOptions
 from edgeq.check import CheckOptions, CheckResult, check_model
 from edgeq.energy import EnergyEstimate, estimate_energy
-from edgeq.errors import (ConnectError, DeviceError, EdgeqError, InputError, NoRecipeQualifies, RecipeError,
-                          UsageError)
+from edgeq.errors import (ConnectError, ConversionError, DeviceError, EdgeqError, InputError, NoRecipeQualifies,
+                          RecipeError, UsageError)
 from edgeq.progress import ProgressCallback, report
 from edgeq.safeio import atomic_write
 from edgeq.targets import TargetProfile, load_target
@@ -40,6 +40,15 @@ TIE_TOLERANCE = 0.05  # latencies (and energies) within 5% of the lowest are a t
 SWEEP_JSON = "sweep.json"
 SWEEP_HTML = "sweep.html"
 SCHEMA = "edgeq.sweep/1"
+
+
+class DeviceLost(DeviceError):
+    """The device failed during the sweep (unreachable, lost link, every recipe failed there); ``result`` is
+    the sweep with its host-side results (already written), the device's column marked failed. Exit code 4."""
+
+    def __init__(self, message: str, hint: Optional[str], result: "SweepResult") -> None:
+        super().__init__(message, hint)
+        self.result = result
 
 
 class NoQualifyingRecipe(NoRecipeQualifies):
@@ -402,6 +411,7 @@ def _device_dict(d: Any) -> dict[str, Any]:
                     if k in d.runtime},
         "arch": (d.device or {}).get("arch"),
         "emulated": bool(emulation.get("emulated")),
+        "delegate": d.delegate,  # what the delegate really took on the device (applied, nodes)
     }
 
 
@@ -452,10 +462,16 @@ def sweep(model: str | Path, calib: str | Path, eval: str | Path, target: str | 
 
         needs_calibration = any(getattr(r, "needs_calibration", False) for r in recipes if r.executable)
         calibration = None
+        calibration_error: Optional[EdgeqError] = None
         if needs_calibration:
             t = time.perf_counter()
             report(progress, "calibrate", f"{len(calib_ds)} samples, once for every static recipe")
-            calibration = stages.calibrate(float_model, calib_ds, progress)
+            try:
+                calibration = stages.calibrate(float_model, calib_ds, progress)
+            except ConversionError as exc:
+                # E.g. TensorFlow's calibrator crashed: every static recipe fails with this reason,
+                # the recipes with float activations are still made and measured.
+                calibration_error = exc
             timings["calibrate_s"] = time.perf_counter() - t
 
         outcomes: list[RecipeOutcome] = []
@@ -464,7 +480,7 @@ def sweep(model: str | Path, calib: str | Path, eval: str | Path, target: str | 
         for i, recipe in enumerate(recipes):
             report(progress, "quantize", recipe.name, done=i, total=len(recipes))
             outcome, path, ref = _one_recipe(stages, recipe, float_model, calibration, eval_ds, profile,
-                                             options, workdir)
+                                             options, workdir, calibration_error)
             float_ref = float_ref or ref
             outcomes.append(outcome)
             if path is not None:
@@ -476,13 +492,14 @@ def sweep(model: str | Path, calib: str | Path, eval: str | Path, target: str | 
         outcomes = [_with_drop(o, float_ref, budget_metric) for o in outcomes]
 
         device_info = None
+        device_lost: Optional[str] = None
         if device_opts is not None:
             t = time.perf_counter()
             eval_npz = workdir / "eval.npz"
             _write_eval_npz(eval_npz, eval_ds)
             device_opts = replace(device_opts, eval_data=str(eval_npz), activate=False)
             runnable = [o for o in outcomes if o.name in files and o.fits]
-            measured, device_info, dev_warnings = _measure(runnable, files, device_opts, progress)
+            measured, device_info, dev_warnings, device_lost = _measure(runnable, files, device_opts, progress)
             warnings.extend(dev_warnings)
             arch = (device_info or {}).get("arch")
             if arch and not str(arch).startswith(("aarch64", "arm")):
@@ -514,7 +531,15 @@ def sweep(model: str | Path, calib: str | Path, eval: str | Path, target: str | 
         calibration=calib_ds.to_dict() if needs_calibration else {"samples": 0, "note": "no static recipe"},
         evaluation=eval_ds.to_dict(), device=device_info,
         timings_s={k: round(v, 3) for k, v in timings.items()}, warnings=tuple(warnings))
+    if device_lost is not None:
+        result = replace(result, reason=f"the device failed: {device_lost}" if recommended is None else
+                         f"{reason}; but the device failed before every recipe was measured: {device_lost}")
     write_outputs(result)
+    if device_lost is not None:
+        raise DeviceLost(f"the device failed during the sweep ({device_lost}); {result.json_path} and "
+                         f"{result.html_path} keep the host-side results",
+                         "check the device and run the sweep again, or sweep without --host/--local/--inventory "
+                         "for the profile's estimates", result)
     if recommended is None:
         raise NoQualifyingRecipe(reason, f"see {result.html_path}; raise --max-drop, pick another target, or add "
                                          "recipes with --recipes/--recipe-file", result)
@@ -544,11 +569,14 @@ def _device_options(options: SweepOptions) -> Any:
 
 def _one_recipe(stages: Any, recipe: Any, float_model: Any, calibration: Any, eval_ds: Any,
                 profile: TargetProfile, options: SweepOptions,
-                workdir: Path) -> tuple[RecipeOutcome, Optional[Path], dict[str, Any]]:
+                workdir: Path, calibration_error: Optional[EdgeqError] = None,
+                ) -> tuple[RecipeOutcome, Optional[Path], dict[str, Any]]:
     """Make, validate and check one recipe; a recipe that cannot be made is an outcome with ``error``."""
     base = RecipeOutcome(name=recipe.name, weights_bits=recipe.weights_bits, activations=recipe.activations,
                          granularity=recipe.granularity_label(), quantizer=recipe.quantizer,
                          executable=recipe.executable, description=recipe.description)
+    if calibration_error is not None and recipe.executable and recipe.needs_calibration:
+        return replace(base, error=str(calibration_error)), None, {}
     t0 = time.perf_counter()
     if not recipe.executable:
         from edgeq.quantize import simulate
@@ -636,36 +664,35 @@ def _write_eval_npz(path: Path, ds: Any) -> None:
 
 def _measure(runnable: list[RecipeOutcome], files: dict[str, Path], device_opts: Any,
              progress: Optional[ProgressCallback]) -> tuple[dict[str, RecipeOutcome], Optional[dict[str, Any]],
-                                                             list[str]]:
-    """Measure the runnable recipes on the device in one session; isolate a recipe the device cannot run."""
+                                                             list[str], Optional[str]]:
+    """Measure the runnable recipes on the device in one session; a recipe the device cannot run fails alone.
+
+    The last item is why the device failed as a whole (unreachable, lost link, every recipe failed), else None.
+    """
     from edgeq.deploy import measure_models
 
     if not runnable:
-        return {}, None, ["no executable recipe fits the target: nothing measured on the device"]
+        return {}, None, ["no executable recipe fits the target: nothing measured on the device"], None
     warnings: list[str] = []
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
-    pending = list(runnable)
-    # One session for the batch. A model the device's runtime rejects stops the batch: it is named in the
-    # error (each file is <recipe>.tflite), kept as that recipe's device error, and the rest run again
-    # without it (uploads are content-addressed, so nothing is sent twice). At most one retry per rejection.
-    while pending:
-        try:
-            for o, res in zip(pending, measure_models([files[o.name] for o in pending], device_opts, progress)):
-                results[o.name] = res
-            pending = []
-        except ConnectError:
-            raise
-        except DeviceError as exc:
-            text = str(exc)
-            culprit = next((o for o in pending if f"{o.name}.tflite" in text), None)
-            if culprit is None:  # not attributable to one model: every remaining recipe carries it
-                for o in pending:
-                    errors[o.name] = text
-                break
-            errors[culprit.name] = text
-            warnings.append(f"the device could not run {culprit.name}; measured the others without it")
-            pending = [o for o in pending if o is not culprit]
+    lost: Optional[str] = None
+    try:
+        measured = measure_models([files[o.name] for o in runnable], device_opts, progress)
+    except DeviceError as exc:  # connect, probe, lock or upload: no recipe was measured
+        lost = str(exc)
+        measured = tuple(exc for _o in runnable)
+    for o, res in zip(runnable, measured):
+        if isinstance(res, DeviceError):
+            errors[o.name] = str(res)
+            if isinstance(res, ConnectError):
+                lost = str(res)
+        else:
+            results[o.name] = res
+    if not results and errors and lost is None:
+        lost = f"every recipe failed on the device (first: {errors[runnable[0].name]})"
+    elif errors and lost is None:
+        warnings.extend(f"the device could not run {name}; measured the others without it" for name in errors)
     out: dict[str, RecipeOutcome] = {}
     info = None
     for o in runnable:
@@ -678,4 +705,5 @@ def _measure(runnable: list[RecipeOutcome], files: dict[str, Path], device_opts:
             out[o.name] = replace(o, device_error=errors.get(o.name, "not measured"))
     if info is None:
         info = {"host": device_opts.host or "local", "error": "; ".join(sorted(set(errors.values())))[:500]}
-    return out, info, warnings
+    info = {**info, "status": "ok"} if lost is None else {**info, "status": "failed", "error": lost[:2000]}
+    return out, info, warnings, lost

@@ -285,7 +285,8 @@ def render_html(doc: dict[str, Any]) -> str:
             tag("td", acc),
             tag("td", _fmt(_latency(r), 3) if r.get("executable") is True else "-"),
             tag("td", latency_label(r) if r.get("executable") is True and _latency(r) is not None else "-"),
-            tag("td", _fmt(p99, 3)),
+            tag("td", "failed", class_="warn", title=str(r.get("device_error"))[:500])
+            if r.get("device_error") and not dev else tag("td", _fmt(p99, 3)),
             tag("td", _kb(dev.get("peak_rss_bytes"))),
             tag("td", _fmt(r.get("energy_mj"), 3)),
             tag("td", verdict, class_="verdict why" if r.get("name") != rec else "verdict"),
@@ -296,17 +297,24 @@ def render_html(doc: dict[str, Any]) -> str:
     fl = _d(doc.get("float"))
     device = doc.get("device")
     dev_line: Any = "no device: latency and energy are the profile's estimates"
-    if isinstance(device, dict):
+    device_failed = isinstance(device, dict) and device.get("status") == "failed"
+    if device_failed and not _d(device.get("runtime")):
+        dev_line = tag("span", f"device {device.get('host', '?')}: FAILED, nothing measured there: ",
+                       str(device.get("error", ""))[:2000], class_="warn")
+    elif isinstance(device, dict):
         rt = _d(device.get("runtime"))
         dev_line = (f"device {device.get('host', '?')} ({device.get('arch', '?')}"
                     f"{', emulated (qemu)' if device.get('emulated') is True else ''}), runtime "
                     f"{rt.get('name', '?')} {rt.get('version', '')}")
+        if device_failed:
+            dev_line = html_join([dev_line, tag("span", "; FAILED during the sweep: ",
+                                                str(device.get("error", ""))[:2000], class_="warn")])
     if rec:
         rec_box = tag("div", tag("b", f"Recommended: {rec}"), Html(" &mdash; "), doc.get("reason", ""),
                       class_="rec-box")
     else:
-        rec_box = tag("div", tag("b", "No recipe qualifies"), Html(" &mdash; "), doc.get("reason", ""),
-                      class_="warn")
+        rec_box = tag("div", tag("b", "Device failed" if device_failed else "No recipe qualifies"),
+                      Html(" &mdash; "), doc.get("reason", ""), class_="warn")
     warns = doc.get("warnings") if isinstance(doc.get("warnings"), list) else []
     warn_box = tag("div", *[tag("div", w) for w in warns], class_="warn") if warns else Html("")
     body = html_join([

@@ -10,7 +10,6 @@ profile's ``runtime`` and ``backend``. Every problem in a file is a
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,11 +17,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from edgeq.errors import TargetError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from edgeq.safeio import load_toml
 
 KINDS = ("linux", "mcu")
 RUNTIMES = ("litert", "tflm")
@@ -231,17 +226,12 @@ class _Table:
             raise self.error(extra[0], "unknown key", "check the spelling against the shipped targets/*.toml")
 
 
+_MAX_PROFILE_BYTES = 1 << 20  # a profile or op table is a few KB; anything near this is not one
+
+
 def _read_toml(path: Path, label: str) -> dict:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise TargetError(f"{label}: no such file", "give a shipped target name or the path of a .toml profile") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TargetError(f"{label}: cannot read ({exc})") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise TargetError(f"{label}: not valid TOML ({exc})", "fix the syntax of the profile") from None
+    return load_toml(path, _MAX_PROFILE_BYTES, label, TargetError,
+                     "give a shipped target name or the path of a .toml profile")
 
 
 def _shipped_dir() -> Path:

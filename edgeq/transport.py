@@ -10,7 +10,12 @@ user whose shell is fish gets the same command as one whose shell is sh.
 Every step has a deadline that fires, whatever the peer does: connecting,
 opening a session, the answer to a command request, starting SFTP, every SFTP
 request, the command itself. A command that outlives its timeout is killed on
-the device (its whole process group) before ``RemoteCommandError`` is raised.
+the device (its process group and every descendant, found in /proc: Dropbear
+does not make a session its own group and BusyBox has no pkill), and the
+message says "killed" only when the device confirmed that all of it is gone.
+Commands are at most ``MAX_COMMAND_BYTES`` on the wire (Dropbear drops longer
+ones with the connection). Files go over SFTP, or, where the server has none
+(Dropbear without sftp-server), on the stdin of ``cat`` over the exec channel.
 Device output is untrusted: each stream keeps at most ``max_output_bytes``
 (1 MiB; the rest is read and dropped so the device never blocks), and error
 messages carry a tail of a few KB. Failures raise ``edgeq.errors`` classes that
@@ -23,6 +28,8 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import logging
+import mmap
 import os
 import re
 import secrets
@@ -41,8 +48,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from edgeq import known_hosts as kh
-from edgeq.errors import (AuthError, ConnectError, DeviceError, EdgeqError, HostKeyError, InputError,
-                          RemoteCommandError, UsageError)
+from edgeq.errors import (AuthError, CommandTooLong, ConnectError, DeviceError, EdgeqError, HostKeyError,
+                          InputError, RemoteCommandError, UsageError)
 from edgeq.escape import term
 from edgeq.sandbox import BoundedBuffer, child_env
 
@@ -57,6 +64,10 @@ _TAIL_CHARS = 2000
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.:%-]+$")
 _USER_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?$")
 _MAX_JUMPS = 8
+#: The longest command string edgeq sends to a device's SSH server (the wire string, after quoting and
+#: octal escaping by ``wire_command``). Dropbear drops exec requests over 9,000 bytes (its MAX_CMD_LEN) and
+#: the failure looks like a lost link; longer data travel on the command's stdin.
+MAX_COMMAND_BYTES = 8000
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,9 @@ class Transport(ABC):
     host: str
     #: What ``run()`` keeps of each of stdout and stderr.
     max_output_bytes: int = DEFAULT_MAX_OUTPUT
+    #: How ``put()`` sends files on this connection: ``"sftp"``, ``"exec"`` (the bytes on the stdin of a
+    #: ``cat`` on the device, when the server has no SFTP), ``"local"``; None before the first ``put()``.
+    transfer: Optional[str] = None
 
     @abstractmethod
     def run(self, argv: Sequence[str], timeout: float, stdin: Optional[bytes] = None,
@@ -174,6 +188,17 @@ def _short(command: str, limit: int = 300) -> str:
     return command if len(command) <= limit else command[: limit - 1] + "…"
 
 
+def check_command_length(command: str, host: str) -> str:
+    """The wire string for the POSIX ``command``; ``CommandTooLong`` if it exceeds ``MAX_COMMAND_BYTES``."""
+    wire = wire_command(_run_script(command, "0" * 16))
+    if len(wire) > MAX_COMMAND_BYTES:
+        raise CommandTooLong(
+            f"the command for {host} is {len(wire)} bytes once quoted for the SSH server, over edgeq's limit of "
+            f"{MAX_COMMAND_BYTES} (Dropbear drops exec requests over 9,000 bytes); not sent: {_short(command, 120)}",
+            hint="pass fewer or shorter arguments; long data must travel on the command's stdin", host=host)
+    return wire
+
+
 def _write_error(host: str, remote: str, exc: BaseException) -> DeviceError:
     code = getattr(exc, "errno", None)
     text = str(exc) or type(exc).__name__
@@ -207,6 +232,7 @@ class LocalTransport(Transport):
             check: bool = True) -> Result:
         if not argv:
             raise UsageError("empty command")
+        check_command_length(posix_command(argv), self.host)  # the same limit as over SSH
         argv = [os.path.expanduser(argv[0]), *argv[1:]]
         command = shlex.join(argv)
         out = BoundedBuffer(self.max_output_bytes, keep_tail=False)
@@ -233,7 +259,10 @@ class LocalTransport(Transport):
             raise
         if not finished:
             _kill_group(proc)
-            raise self._timed_out(command, timeout, err, f"its process group {proc.pid} was killed")
+            left = _group_members(proc.pid)
+            raise self._timed_out(command, timeout, err, f"its process group {proc.pid} was killed (checked gone)"
+                                  if not left else f"it may still be running (pids {' '.join(map(str, left[:10]))} "
+                                  f"of its process group {proc.pid} outlived SIGKILL)")
         sig = signal_name(-proc.returncode) if proc.returncode < 0 else None
         return self._check(self._result(command, proc.returncode, out, err, sig), check)
 
@@ -241,6 +270,7 @@ class LocalTransport(Transport):
         total = Path(local).stat().st_size
         sent = 0
         deadline = time.monotonic() + timeout
+        self.transfer = "local"
         try:
             with open(local, "rb") as src, open(remote, "wb") as dst:
                 while chunk := src.read(_CHUNK):
@@ -315,6 +345,28 @@ def _pump_local(proc: subprocess.Popen, stdin: bytes, deadline: float, out: Boun
                     f.close()
                 except OSError:
                     pass
+
+
+def _group_members(pgid: int, wait_s: float = 3.0) -> list[int]:
+    """Processes of group ``pgid`` still alive (zombies count as gone) after up to ``wait_s``; [] without /proc."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = []
+        try:
+            names = [n for n in os.listdir("/proc") if n.isdigit()]
+        except OSError:
+            return []
+        for name in names:
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] not in (b"Z", b"X"):
+                left.append(int(name))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -445,13 +497,57 @@ def _run_script(command: str, nonce: str) -> str:
 
 
 def _kill_script(pid: int) -> str:
-    # The whole process group; on an sshd that does not make each session its own
-    # group, the shell's children (pkill -P, where there is one) and the shell.
-    # Both spellings of kill: POSIX `-s KILL --` and the XSI `-KILL` that some small shells prefer.
-    return (f"kill -s KILL -- -{pid} 2>/dev/null && exit 0\n"
-            f"kill -KILL -{pid} 2>/dev/null && exit 0\n"
-            f"command -v pkill >/dev/null 2>&1 && pkill -KILL -P {pid}\n"
-            f"kill -s KILL {pid} 2>/dev/null || kill -KILL {pid} 2>/dev/null\nexit 0")
+    # Kill everything the command started, then check it is gone. The tree is
+    # found in /proc (every descendant of the session shell, plus its process
+    # group where the shell leads one, as under OpenSSH): Dropbear does not make
+    # the session shell a group leader and BusyBox has no pkill. Each round stops
+    # (SIGSTOP) what it found, so nothing forks while the tree is walked again;
+    # then all of it is killed. Exit 0 when every process is gone (a zombie
+    # counts as gone); otherwise exit 3 with "EDGEQ-ALIVE <pids>" on stdout.
+    if pid <= 1:  # the walk below would take in every process on the device
+        raise ValueError(f"refusing to kill the process tree of pid {pid}")
+    return f"""root={pid}
+all=" $root "
+alive() {{
+  if [ -r /proc/$1/stat ]; then
+    {{ read -r line < /proc/$1/stat; }} 2>/dev/null || return 1
+    set -- ${{line##*") "}}
+    [ "$1" != Z ] && [ "$1" != X ]
+  else
+    [ -d /proc/self ] && return 1
+    kill -0 "$1" 2>/dev/null
+  fi
+}}
+i=0
+while [ $i -lt 50 ]; do
+  new=""
+  for f in /proc/[0-9]*/stat; do
+    p=${{f#/proc/}}; p=${{p%/stat}}
+    case "$all" in *" $p "*) continue;; esac
+    {{ read -r line < "$f"; }} 2>/dev/null || continue
+    set -- ${{line##*") "}}
+    case "$all" in *" $2 "*) new="$new $p "; continue;; esac
+    [ "$3" = "$root" ] && new="$new $p "
+  done
+  kill -s STOP $all 2>/dev/null || kill -STOP $all 2>/dev/null
+  [ -z "$new" ] && break
+  all="$all$new"
+  i=$((i + 1))
+done
+kill -s KILL -- -$root 2>/dev/null || kill -KILL -$root 2>/dev/null
+kill -s KILL $all 2>/dev/null || kill -KILL $all 2>/dev/null
+kill -s CONT $all 2>/dev/null || kill -CONT $all 2>/dev/null
+n=0
+while :; do
+  left=""
+  for p in $all; do alive "$p" && left="$left $p"; done
+  if [ -z "$left" ]; then set -- $all; echo "EDGEQ-KILLED $#"; exit 0; fi
+  n=$((n + 1))
+  [ $n -gt 30 ] && break
+  sleep 0.1 2>/dev/null || sleep 1
+done
+echo "EDGEQ-ALIVE$left"
+exit 3"""
 
 
 class _PidMarker:
@@ -549,7 +645,7 @@ def _read_host_config(host_spec: str, options: SSHOptions, jump: bool) -> _HostC
     cfg: Any = {}
     if cfg_path.is_file():
         try:
-            cfg = paramiko.SSHConfig.from_path(str(cfg_path)).lookup(alias)
+            cfg = _raw_proxy_config_class().from_path(str(cfg_path)).lookup(alias)
         except Exception as exc:  # a broken ssh_config must not hide as a connect error
             raise UsageError(f"cannot read SSH config {cfg_path}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
                              "fix the line, or point --ssh-config elsewhere") from None
@@ -590,6 +686,12 @@ def _read_host_config(host_spec: str, options: SSHOptions, jump: bool) -> _HostC
     command = cfg.get("proxycommand")
     if command is not None and command.strip().lower() == "none":
         command = None
+    if command:
+        # Expanded here, not by paramiko: %p and %r are the port and user this connection uses
+        # (--host user@host:PORT wins over the config), as OpenSSH does.
+        if "%r" in command and not _USER_RE.match(user):
+            raise UsageError(f"invalid User {user!r} {where} (ProxyCommand uses %r)")
+        command = _expand_proxy_tokens(command, alias, hostname, port, user)
     jumps_text = cfg.get("proxyjump")
     jumps: tuple[str, ...] = ()
     if jumps_text is not None and jumps_text.strip().lower() != "none":
@@ -609,6 +711,28 @@ def _read_host_config(host_spec: str, options: SSHOptions, jump: bool) -> _HostC
         raise UsageError(f"both ProxyCommand and ProxyJump apply {where}", "keep one of them for this host")
     return _HostConfig(alias, hostname, port, user, found, user_files, global_files, alias_name,
                        str(cfg.get("hashknownhosts", "no")).lower() == "yes", command, jumps)
+
+
+def _expand_proxy_tokens(command: str, alias: str, hostname: str, port: int, user: str) -> str:
+    """The ssh_config tokens OpenSSH allows in ProxyCommand: %% %h %n %p %r (the values already validated)."""
+    values = {"h": hostname, "n": alias, "p": str(port), "r": user, "%": "%"}
+    return re.sub(r"%(.)", lambda m: values.get(m.group(1), m.group(0)), command)
+
+
+_RAW_PROXY_CONFIG: Optional[type] = None
+
+
+def _raw_proxy_config_class() -> type:
+    """paramiko's SSHConfig, except that ProxyCommand comes back unexpanded: paramiko would put the
+    config's Port and User in it, not the ones given with --host (edgeq expands it itself)."""
+    global _RAW_PROXY_CONFIG
+    if _RAW_PROXY_CONFIG is None:
+        import paramiko
+
+        tokens = dict(paramiko.SSHConfig.TOKENS_BY_CONFIG_KEY)
+        tokens["proxycommand"] = []
+        _RAW_PROXY_CONFIG = type("RawProxySSHConfig", (paramiko.SSHConfig,), {"TOKENS_BY_CONFIG_KEY": tokens})
+    return _RAW_PROXY_CONFIG
 
 
 def _expand_tokens(path: str, hostname: str, port: int, user: str) -> str:
@@ -631,6 +755,7 @@ class SSHTransport(Transport):
                  _via: Optional["SSHTransport"] = None, _depth: int = 0) -> None:
         import paramiko  # imported here so `edgeq --help` stays fast
 
+        _quiet_paramiko_logs()
         self._paramiko = paramiko
         self.options = options
         self.max_output_bytes = options.max_output_bytes
@@ -961,7 +1086,7 @@ class SSHTransport(Transport):
 
     def cancel(self) -> None:
         """Abandon the device from another thread: kill the commands still running there (best effort,
-        on a background thread, a few seconds at most), then close; never reconnect."""
+        on a background thread, about 10 s at most), then close; never reconnect."""
         self._cancelled = True
         for hop in self._jumps:
             hop._cancelled = True
@@ -1021,10 +1146,14 @@ class SSHTransport(Transport):
         res = self._execute(command, timeout, stdin, kill_on_timeout=True)
         return self._check(res, check)
 
-    def _execute(self, command: str, timeout: float, stdin: Optional[bytes], kill_on_timeout: bool,
-                 after_cancel: bool = False) -> Result:
-        """Run the POSIX ``command`` on the device under ``timeout`` (every step included)."""
+    def _execute(self, command: str, timeout: float, stdin: Optional[Any], kill_on_timeout: bool,
+                 after_cancel: bool = False, on_sent: Optional[Callable[[int], None]] = None) -> Result:
+        """Run the POSIX ``command`` on the device under ``timeout`` (every step included).
+
+        ``stdin`` is anything ``memoryview`` takes (bytes, an mmap); ``on_sent`` hears how much of it went.
+        """
         paramiko = self._paramiko
+        check_command_length(command, self.host)
         nonce = secrets.token_hex(8)
         wire = wire_command(_run_script(command, nonce))
         deadline = time.monotonic() + timeout
@@ -1065,7 +1194,7 @@ class SSHTransport(Transport):
             with self._running_lock:
                 self._running.add(marker)
             try:
-                finished = self._pump(chan, stdin or b"", deadline, out, marker)
+                finished = self._pump(chan, stdin if stdin is not None else b"", deadline, out, marker, on_sent)
             finally:
                 with self._running_lock:
                     self._running.discard(marker)
@@ -1089,6 +1218,11 @@ class SSHTransport(Transport):
                                        hint="check the link to the device and retry", host=self.host)
         except _ChannelFailed as failed:
             exc = failed.cause
+            if self._alive():
+                # The server said no to this command, and the link is fine: not a lost link.
+                raise RemoteCommandError(
+                    f"{self.host} refused the command request ({exc or type(exc).__name__}): {_short(command)}",
+                    hint="check the device's SSH server log", host=self.host, command=command) from None
             raise ConnectError(f"the SSH connection to {self.host} failed during {_short(command)}: "
                                f"{exc or type(exc).__name__}", hint="check the link to the device and retry",
                                host=self.host) from None
@@ -1105,20 +1239,31 @@ class SSHTransport(Transport):
             sig = signal_name(status - 128)
         return self._result(command, status, out, err, sig)
 
-    def _pump(self, chan: Any, stdin: bytes, deadline: float, out: BoundedBuffer, err: _PidMarker) -> bool:
+    def _pump(self, chan: Any, stdin: Any, deadline: float, out: BoundedBuffer, err: _PidMarker,
+              on_sent: Optional[Callable[[int], None]] = None) -> bool:
         """Feed stdin and drain both streams (bounded) until the command ends; False on the deadline."""
         view = memoryview(stdin)
         pos = 0
         if not view:
             chan.shutdown_write()
+        else:
+            # A send waits at most this long for the peer to open its window (paramiko wakes it as soon as
+            # the window adjust arrives): Dropbear's window is 24 KB, and polling for it capped uploads
+            # over the exec channel at about 0.5 MB/s.
+            chan.settimeout(0.05)
         ended_at: Optional[float] = None
         while True:
             moved = False
-            if pos < len(view) and chan.send_ready():
+            if pos < len(view):
+                before = pos
                 try:
                     pos += chan.send(view[pos:pos + _CHUNK])
+                except socket.timeout:
+                    pass  # the window stayed shut; the deadline check below still runs
                 except OSError:
                     pos = len(view)  # the command ended without reading all its input
+                if on_sent and pos != before:
+                    on_sent(pos)
                 if pos >= len(view):
                     chan.shutdown_write()
                 moved = True
@@ -1151,17 +1296,26 @@ class SSHTransport(Transport):
                 select.select([chan], [], [], 0.05)
 
     def _kill_remote(self, pid: Optional[int], after_cancel: bool = False) -> str:
-        """Kill the timed-out command's process group on the device; say what happened (for the message)."""
-        if pid is None:
-            return "it had not reported its process id, so nothing was killed"
+        """Kill the timed-out command and everything it started on the device, check they are gone, and say
+        what happened (for the message): "killed" only when the device confirmed it."""
+        if pid is None or pid <= 1:
+            return "it had not reported its process id, so nothing was killed; it may still be running on the device"
         try:
-            res = self._execute(_kill_script(pid), min(5.0, self.options.connect_timeout), None,
+            # The script itself waits up to about 3 s for the processes to go; a loaded device is slow to
+            # open a session.
+            res = self._execute(_kill_script(pid), max(10.0, min(30.0, self.options.connect_timeout)), None,
                                 kill_on_timeout=False, after_cancel=after_cancel)
         except DeviceError as exc:
-            return f"its process group {pid} could not be killed ({exc.message})"
-        if not res.ok:
-            return f"its process group {pid} could not be killed (exit status {res.exit_status})"
-        return f"its process group {pid} was killed"
+            return f"it may still be running on the device (pid {pid}): it could not be killed ({exc.message})"
+        said = re.search(r"EDGEQ-KILLED (\d+)", res.stdout)
+        if res.ok and said:
+            more = int(said.group(1)) - 1
+            started = f" and {more} process{'es' if more != 1 else ''} it started" if more > 0 else ""
+            return f"it was killed on the device (pid {pid}{started}; checked gone)"
+        left = re.search(r"EDGEQ-ALIVE ([\d ]+)", res.stdout)
+        why = f"still alive after SIGKILL: pid {left.group(1).strip()[:200]}" if left else \
+            f"the kill command ended with exit status {res.exit_status}"
+        return f"it may still be running on the device (pid {pid}; {why})"
 
     # -- files
 
@@ -1174,6 +1328,10 @@ class SSHTransport(Transport):
         deadline = time.monotonic() + seconds
         try:
             chan = tr.open_session(timeout=seconds)
+        except paramiko.ChannelException as exc:
+            # The server said no (MaxSessions, "administratively prohibited") and the link is up.
+            raise DeviceError(f"{self.host} refused a session for the upload: {exc.text or exc}",
+                              hint="check the device's SSH server (MaxSessions) and its log", host=self.host) from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise ConnectError(f"cannot open SFTP on {self.host}: no session within {seconds:g} s "
                                f"({exc or type(exc).__name__})", hint="check sshd on the device, or raise "
@@ -1196,8 +1354,12 @@ class SSHTransport(Transport):
                 raise ConnectError(f"{self.host} did not start SFTP within {seconds:g} s ({exc})",
                                    hint="the device's sshd is overloaded or hung; check it, or raise "
                                         "--connect-timeout", host=self.host) from None
-            raise ConnectError(f"cannot open SFTP on {self.host}: {exc or type(exc).__name__}",
-                               hint="is the sftp subsystem enabled in the device's sshd_config?",
+            if self._alive():
+                # The server refused the subsystem (OpenSSH without a Subsystem line), or started one
+                # that is not there (Dropbear without sftp-server: the channel closes at once).
+                raise _SftpUnavailable(str(exc) or type(exc).__name__) from None
+            raise ConnectError(f"the SSH connection to {self.host} was lost while starting SFTP: "
+                               f"{exc or type(exc).__name__}", hint="check the link to the device and retry",
                                host=self.host) from None
         return self._sftp_client
 
@@ -1212,8 +1374,62 @@ class SSHTransport(Transport):
                 pass
 
     def put(self, local: Path, remote: str, timeout: float, progress: Optional[ByteProgress] = None) -> int:
-        deadline = time.monotonic() + timeout
+        """Upload over SFTP; where the server has no SFTP, over the exec channel (``transfer`` says which).
 
+        The choice is made once per transport: a server that refused SFTP is not asked again.
+        """
+        deadline = time.monotonic() + timeout
+        if self.transfer != "exec":
+            try:
+                self._sftp(min(self.options.connect_timeout, max(0.05, deadline - time.monotonic())))
+            except _SftpUnavailable:
+                self.transfer = "exec"
+            else:
+                self.transfer = "sftp"
+        if self.transfer == "exec":
+            return self._put_exec(Path(local), remote, max(0.05, deadline - time.monotonic()), progress)
+        return self._put_sftp(Path(local), remote, deadline, timeout, progress)
+
+    def _put_exec(self, local: Path, remote: str, timeout: float, progress: Optional[ByteProgress]) -> int:
+        """Stream the file into ``cat`` on the device (POSIX sh; works with BusyBox); check the size landed.
+
+        The caller verifies the sha256 on the device before renaming the file into place, as for SFTP.
+        """
+        total = local.stat().st_size
+        with open(local, "rb") as src:
+            data: Any = mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) if total else b""
+        try:
+            res = self._execute(posix_command(["sh", "-c", _EXEC_PUT_SCRIPT, "sh", remote]), timeout, data,
+                                kill_on_timeout=True,
+                                on_sent=(lambda n: progress(n, total)) if progress else None)
+        except ConnectError as exc:
+            # Over a lost link a removal would only wait; the next deploy sweeps temp files.
+            raise ConnectError(f"upload of {remote} to {self.host} did not finish: {exc.message}", hint=exc.hint,
+                               host=self.host) from None
+        except RemoteCommandError as exc:
+            if exc.exit_status is None and self._alive():  # timed out (and killed), the link is up
+                self.remove(remote)
+            raise
+        finally:
+            if isinstance(data, mmap.mmap):
+                try:
+                    data.close()
+                except BufferError:  # pragma: no cover - a view still held; the GC closes it
+                    pass
+        # The last line: a login shell may print a greeting first.
+        landed = (res.stdout.strip().splitlines() or [""])[-1].strip()
+        if res.ok and landed.isdigit() and int(landed) == total:
+            return total
+        self.remove(remote)
+        if res.ok:
+            problem = OSError(f"the device stored only {landed[:20] or '?'} of {total} bytes")
+            problem.errno = errno.ENOSPC
+        else:
+            problem = OSError(res.tail(2) or f"exit status {res.exit_status}")
+        raise _write_error(self.host, remote, problem)
+
+    def _put_sftp(self, local: Path, remote: str, deadline: float, timeout: float,
+                  progress: Optional[ByteProgress]) -> int:
         def left() -> float:
             return max(0.05, deadline - time.monotonic())
 
@@ -1256,7 +1472,7 @@ class SSHTransport(Transport):
                 raise OSError(errno.ENOSPC, f"the device stored only {landed} of {total} bytes")
         except (OSError, EOFError, self._paramiko.SSHException) as exc:
             self._drop_sftp()
-            if isinstance(exc, (socket.timeout, TimeoutError, EOFError)) or not self._alive():
+            if isinstance(exc, (socket.timeout, TimeoutError)) or not self._alive():
                 # Over a silent or cut link a removal would only wait; the next deploy sweeps temp files.
                 raise ConnectError(f"upload of {remote} to {self.host} did not finish: {str(exc) or type(exc).__name__}",
                                    hint="check the link to the device and retry", host=self.host) from None
@@ -1268,14 +1484,31 @@ class SSHTransport(Transport):
         if not self._alive():
             return
         seconds = min(5.0, self.options.connect_timeout)
+        if self.transfer == "exec":
+            try:
+                self._execute(posix_command(["rm", "-f", "--", remote]), seconds, None, kill_on_timeout=True)
+            except DeviceError:
+                pass
+            return
         try:
             sftp = self._sftp(seconds)
             sftp.get_channel().settimeout(seconds)
             sftp.remove(remote)
+        except _SftpUnavailable:
+            self.transfer = "exec"
+            self.remove(remote)
         except DeviceError:
             pass
         except Exception:
             self._drop_sftp()
+
+
+#: Writes stdin to "$1", which must not exist yet (set -C), then prints the size that landed.
+_EXEC_PUT_SCRIPT = 'set -C; cat > "$1" || exit $?; wc -c < "$1"'
+
+
+class _SftpUnavailable(Exception):
+    """The server has no SFTP (subsystem refused or gone at once) while the link is up (internal)."""
 
 
 class _ChannelFailed(Exception):
@@ -1284,6 +1517,16 @@ class _ChannelFailed(Exception):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.cause = cause
+
+
+def _quiet_paramiko_logs() -> None:
+    """paramiko logs a failed handshake (a peer that resets during the banner) as ERROR records with a
+    traceback, one line each; with no logging configured Python prints them all on stderr. edgeq reports
+    the failure itself, in one line: give paramiko's logger a NullHandler, as a library should. An
+    application that configures logging still receives the records (they propagate)."""
+    logger = logging.getLogger("paramiko")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
 
 
 def _transient(exc: ConnectError) -> ConnectError:
@@ -1345,4 +1588,5 @@ def make_transport(host: Optional[str], ssh: SSHOptions = SSHOptions()) -> Trans
 
 
 __all__ = ["Result", "Transport", "LocalTransport", "SSHTransport", "SSHOptions", "make_transport", "parse_host",
+           "MAX_COMMAND_BYTES", "check_command_length",
            "fingerprint", "signal_name", "posix_command", "wire_command", "DEFAULT_MAX_OUTPUT"]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite needs: a real OpenSSH server for
-# the deploy tests, headless Chromium for the report screenshot test, fish and tcsh
+# the deploy tests, Dropbear and BusyBox for the tests of devices that are not a stock
+# OpenSSH Debian, headless Chromium for the report screenshot test, fish and tcsh
 # for the login-shell tests, g++ and chattr for the export tests.
 # Idempotent: installs only what is missing.
 set -euo pipefail
@@ -8,6 +9,9 @@ set -euo pipefail
 need=()
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
+# Dropbear (with dropbearkey) and BusyBox: a Yocto/OpenWrt-like device, with and without an sftp-server.
+[ -x /usr/sbin/dropbear ] && command -v dropbearkey >/dev/null 2>&1 || need+=(dropbear-bin)
+[ -x /usr/bin/busybox ] || need+=(busybox)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # Login shells that are not POSIX sh: the SSH wire command must read the same under them.
 command -v fish >/dev/null 2>&1 || need+=(fish)

@@ -47,19 +47,27 @@ def targets(as_json: bool) -> None:
 @click.option("--no-measure", is_flag=True, help="Skip loading the model in the target's runtime (no RAM figure).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=120, show_default=True,
               help="Seconds the runtime child may take to load and run the model.")
-def check(model: str, target_name: str, as_json: bool, no_measure: bool, timeout: float) -> None:
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1xHxWxC",
+              help="Shape for an input with unknown dims (e.g. image:1x96x96x3; the name may be left out for a "
+                   "single input): MACs and memory are computed there [default: the placeholder in the file]. "
+                   "Repeatable.")
+def check(model: str, target_name: str, as_json: bool, no_measure: bool, timeout: float,
+          input_shapes: tuple[str, ...]) -> None:
     """Check whether MODEL (.tflite) fits and runs on a target.
 
     Reports every problem at once: unsupported ops and op x type pairs, slow
     fallback kernels, float tensors on integer-only targets, flash and RAM
     over budget; plus MACs and a latency estimate. Exit 0 fits, 3 does not fit.
     """
+    from edgeq.calibration import parse_input_shape
     from edgeq.check import CheckOptions, check_model
     from edgeq.targets import load_target
     from edgeq.tflite_file import read_tflite
 
+    shapes = tuple(parse_input_shape(t) for t in input_shapes)
     profile = load_target(target_name)
-    result = check_model(read_tflite(model), profile, CheckOptions(measure=not no_measure, timeout_s=timeout))
+    result = check_model(read_tflite(model), profile,
+                         CheckOptions(measure=not no_measure, timeout_s=timeout, input_shapes=shapes))
     if as_json:
         echo_json(result.to_dict())
     else:

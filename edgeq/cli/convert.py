@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Optional
 
 import click
 
-from edgeq.calibration import DEFAULT_SAMPLES, DataOptions, parse_floats
+from edgeq.calibration import DEFAULT_SAMPLES, DataOptions, parse_floats, parse_input_shape
 from edgeq.cli import main
-from edgeq.cli._common import clear_progress, echo_result, progress_printer
+from edgeq.cli._common import clear_progress, echo, echo_result, progress_printer
 
 if TYPE_CHECKING:  # names only: edgeq.convert (and with it TensorFlow) is imported when the command runs
     from edgeq.convert import ConvertOptions, ConvertResult
@@ -45,7 +45,8 @@ def default_output(model: str, scheme: str) -> Path:
 @click.option("--output-type", type=click.Choice(_IO_TYPES),
               help="Model output type [default: int8; int16 with --scheme int16x8].")
 @click.option("--eval", "eval_data", metavar="DATA",
-              help="Held-out data (labels in 'y') to measure float vs quantized fidelity and the worst layers.")
+              help="Held-out data (class ids in 'y'; labels for one output of several in 'y_<output name>') to "
+                   "measure float vs quantized fidelity per output and the worst layers.")
 @click.option("--mean", metavar="M[,M...]", help="Normalise samples as (x - mean) / std (one value or one per channel).")
 @click.option("--std", metavar="S[,S...]", help="See --mean.")
 @click.option("--scale", type=float, help="Normalise samples as x * scale (e.g. 0.00392 for 1/255).")
@@ -60,6 +61,8 @@ def default_output(model: str, scheme: str) -> Path:
                    "see targets/_recipes.toml [default: int8, or --scheme].")
 @click.option("--recipe-file", "recipes_file", metavar="FILE", type=click.Path(path_type=str),
               help="Your own recipe table (TOML) instead of the shipped one.")
+@click.option("--layout", type=click.Choice(("nchw", "nhwc")),
+              help="PyTorch models: the input layout of the converted model [default: the calibration data's].")
 @click.option("--unsafe-load", is_flag=True,
               help="Let the model file run the Python code it carries (Lambda layers). Only for files you trust.")
 @click.option("--max-drop", type=click.FloatRange(min=0), metavar="PTS",
@@ -68,13 +71,20 @@ def default_output(model: str, scheme: str) -> Path:
 @click.option("--train", "train_data", metavar="DATA",
               help="Training data (inputs and labels) for quantization-aware training during --max-drop repair.")
 @click.option("--keep-best", is_flag=True, help="With --max-drop: write the best model even when over budget.")
+@click.option("--warn-drop", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="PTS",
+              help="With --eval: warn when the quantized model loses more than PTS points of accuracy "
+                   "(or top-1 agreement) against float.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1xHxWxC",
+              help="Concrete shape for an input with unknown dims (e.g. image:1x96x96x3; the name may be left "
+                   "out for a single input) [default: the shape of the calibration samples]. Repeatable.")
 def convert(model: str, calib: str, target: Optional[str], samples: int, scheme: str,
             input_type: Optional[str], output_type: Optional[str], eval_data: Optional[str],
             mean: Optional[str], std: Optional[str], scale: Optional[float], seed: int,
             output: Optional[str], report_path: Optional[str], as_json: bool, recipe: Optional[str],
             recipes_file: Optional[str], unsafe_load: bool, max_drop: Optional[float],
-            train_data: Optional[str], keep_best: bool) -> None:
-    """Convert MODEL (.keras, .h5 or SavedModel dir) to a quantized .tflite (full int8 by default).
+            train_data: Optional[str], keep_best: bool, warn_drop: float, input_shapes: tuple[str, ...],
+            layout: Optional[str] = None) -> None:
+    """Convert MODEL (.keras, .h5, SavedModel dir; PyTorch: .pt2 or module:function) to a quantized .tflite.
 
     Calibrates on samples of --calib, writes OUTPUT and OUTPUT.report.json
     (recipe, sizes, ops, input/output quantization; with --eval also float vs
@@ -103,7 +113,9 @@ def convert(model: str, calib: str, target: Optional[str], samples: int, scheme:
         report_path=report_path,
         recipe=recipe,
         recipes_file=recipes_file,
-        load=LoadOptions(unsafe_load=unsafe_load),
+        load=LoadOptions(unsafe_load=unsafe_load, layout=layout, layout_data=calib),
+        warn_drop=warn_drop,
+        input_shapes=tuple(parse_input_shape(t) for t in input_shapes),
     )
     out = output or str(default_output(model, recipe or scheme))
     show = not as_json
@@ -114,7 +126,9 @@ def convert(model: str, calib: str, target: Optional[str], samples: int, scheme:
         return
     result = _convert_and_check(model, calib, out, options, progress)
     clear_progress(show)
-    echo_result(as_json, result.to_dict(), summary_lines(result))
+    echo_result(as_json, result.to_dict(), summary_lines(result, warnings=False))
+    for w in result.warnings:  # on stderr, so they are seen with --json and in pipelines too
+        echo(f"warning: {w}", err=True)
 
 
 def _convert_and_check(model: str, calib: str, out: str, options: ConvertOptions,
@@ -166,8 +180,8 @@ def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def summary_lines(result: ConvertResult) -> list[str]:
-    """A compact, readable terminal summary of a ``ConvertResult``."""
+def summary_lines(result: ConvertResult, warnings: bool = True) -> list[str]:
+    """A compact, readable terminal summary of a ``ConvertResult`` (its warnings last, unless not ``warnings``)."""
     r = result
     est = " (est.)" if r.float_bytes_source == "estimated" else ""
     recipe = r.recipe
@@ -194,12 +208,18 @@ def summary_lines(result: ConvertResult) -> list[str]:
     if r.fidelity is not None:
         lines.append("")
         lines.append(f"  fidelity on {r.evaluation['samples']} samples of {r.evaluation['source']}:")
-        lines.append(f"    {'output':<16} {'top-1 agree':>11} {'acc float':>9} {'acc quant':>9} "
+        lines.append(f"    {'output':<16} {'kind':<12} {'agreement':>9} {'acc float':>9} {'acc quant':>9} "
                      f"{'max |err|':>10} {'SQNR dB':>8}")
         for f in r.fidelity:
             sqnr = "inf" if f.sqnr_db is None else f"{f.sqnr_db:.1f}"
-            lines.append(f"    {f.name:<16} {_pct(f.top1_agreement):>11} {_pct(f.accuracy_float):>9} "
-                         f"{_pct(f.accuracy_quant):>9} {f.max_abs_error:>10.4g} {sqnr:>8}")
+            agree = f.top1_agreement if f.top1_agreement is not None else f.pixel_agreement
+            lines.append(f"    {f.name:<16} {f.kind:<12} {_pct(agree):>9} {_pct(f.accuracy_float):>9} "
+                         f"{_pct(f.accuracy_quant):>9} {f.max_abs_error:>10.4g} {sqnr:>8}"
+                         + (f"  MAE vs labels {f.mae_float:.4g} -> {f.mae_quant:.4g}"
+                            if f.mae_float is not None and f.mae_quant is not None else ""))
+    for shape in r.input_shapes:
+        lines.append(f"  input {shape['name']} has unknown dims; converted at "
+                     f"{'x'.join(str(d) for d in shape['shape'])} (from {shape['source']})")
     ranges = r.calibration.get("ranges")
     if ranges:
         steps = ", ".join(f"{c['samples']}: {100 * c['coverage']:.0f}%" for c in ranges["checkpoints"])
@@ -212,6 +232,6 @@ def summary_lines(result: ConvertResult) -> list[str]:
     if r.check_summary:
         lines.append("")
         lines.extend(f"  {s}" for s in r.check_summary)
-    for w in r.warnings:
-        lines.append(f"warning: {w}")
+    if warnings:
+        lines.extend(f"warning: {w}" for w in r.warnings)
     return lines

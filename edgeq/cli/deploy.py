@@ -75,6 +75,25 @@ def _fleet_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def timeout_options(f):
+    """``--probe-timeout``, ``--upload-timeout`` and ``--run-timeout`` (checked by ``check_options``: one line)."""
+    for name, default, what in reversed((
+            ("probe", 120, "the probe and every short device step (lock, activate)"),
+            ("upload", 600, "the whole upload, verification on the device included"),
+            ("run", 900, "each run of a model on the device (timing and evaluation)"))):
+        f = click.option(f"--{name}-timeout", f"{name}_timeout", type=float, default=None, metavar="SECONDS",
+                         help=f"Seconds for {what} [default: {default}; at most 86400]. An inventory's "
+                              f"edgeq_{name}_timeout sets it per host.")(f)
+    return f
+
+
+def timeouts(probe_timeout: Optional[float], upload_timeout: Optional[float],
+             run_timeout: Optional[float]) -> dict:
+    """The timeouts given on the command line, as ``DeployOptions`` fields (the rest keep their defaults)."""
+    given = {"probe_timeout": probe_timeout, "upload_timeout": upload_timeout, "run_timeout": run_timeout}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _inventory_hosts(inventory: Path, limit: Optional[str]):
     from edgeq.inventory import load_inventory
 
@@ -100,7 +119,10 @@ def _inventory_hosts(inventory: Path, limit: Optional[str]):
               help="Python on the device (default python3; for local, the current interpreter).")
 @click.option("--remote-dir", default="~/.edgeq", show_default=True, help="Directory on the device for models and data.")
 @click.option("--eval", "eval_data", type=click.Path(dir_okay=False), metavar="DATA.npz",
-              help="Evaluation data (.npz with x and y) for accuracy and agreement on the device.")
+              help="Evaluation data for accuracy and agreement on the device: an .npz with one array per model "
+                   "input (or x) and optional labels y (y_<output> per output), or an .npy for one input.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]1x32x32x3",
+              help="Shape of a dynamic model input when there is no --eval (repeat for several inputs).")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(1), help="Minimum timed runs (and at least 1 s).")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Warm-up runs before timing.")
 @click.option("--threads", type=click.IntRange(1), help="Interpreter threads (default: the runtime's choice).")
@@ -116,6 +138,7 @@ def _inventory_hosts(inventory: Path, limit: Optional[str]):
                    "previous model are always kept).")
 @click.option("--connect-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds for each of connect, SSH banner and authentication.")
+@timeout_options
 @click.option("--host-timeout", type=click.FloatRange(1.0),
               help="With --inventory: seconds after which a host that has not finished is abandoned "
                    "(default: the sum of the phase deadlines).")
@@ -140,8 +163,9 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
            forks: int, identity: Optional[str], known_hosts: Optional[str], accept_new_host_key: bool,
            python: Optional[str], remote_dir: str, eval_data: Optional[str], runs: int, warmup: int,
            threads: Optional[int], no_xnnpack: bool, no_activate: bool, layers: int, keep: Optional[int],
-           connect_timeout: float,
-           host_timeout: Optional[float], canary: int, batch: Optional[str], max_fail: float,
+           input_shapes: tuple[str, ...], connect_timeout: float, probe_timeout: Optional[float],
+           upload_timeout: Optional[float], run_timeout: Optional[float], host_timeout: Optional[float], canary: int,
+           batch: Optional[str], max_fail: float,
            gate_accuracy: Optional[float], gate_p99_ms: Optional[float], report_dir: Optional[Path],
            as_json: bool) -> None:
     """Push MODEL.tflite to a device (or a fleet), measure latency and accuracy there, and write a report.
@@ -168,7 +192,8 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
     options = DeployOptions(
         host=host, python=python, remote_dir=remote_dir, eval_data=eval_data, runs=runs, warmup=warmup,
         threads=threads, xnnpack=not no_xnnpack, activate=not no_activate, keep=keep, layers=layers,
-        ssh=_ssh_options(identity, known_hosts, accept_new_host_key, connect_timeout),
+        input_shapes=tuple(input_shapes), ssh=_ssh_options(identity, known_hosts, accept_new_host_key, connect_timeout),
+        **timeouts(probe_timeout, upload_timeout, run_timeout),
     )
     if keep is not None and no_activate:
         raise UsageError("--keep prunes after an activation; it does nothing with --no-activate")
@@ -256,11 +281,14 @@ def deploy(ctx: click.Context, model: Path, host: Optional[str], inventory: Opti
 @click.option("--remote-dir", default="~/.edgeq", show_default=True, help="Directory on the device.")
 @click.option("--connect-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds for each of connect, SSH banner and authentication.")
+@click.option("--probe-timeout", "probe_timeout", type=float, default=None, metavar="SECONDS",
+              help="Seconds for each step on the device (lock, rollback) [default: 120; at most 86400]. An "
+                   "inventory's edgeq_probe_timeout sets it per host.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def rollback(ctx: click.Context, host: Optional[str], inventory: Optional[Path], limit: Optional[str], forks: int,
              identity: Optional[str], known_hosts: Optional[str], python: Optional[str], remote_dir: str,
-             connect_timeout: float, as_json: bool) -> None:
+             connect_timeout: float, probe_timeout: Optional[float], as_json: bool) -> None:
     """Make the previously active model (REMOTE_DIR/previous) the active one again."""
     from edgeq.deploy import DeployOptions, check_options, rollback as run_rollback
     from edgeq.errors import ExitCode, UsageError
@@ -268,7 +296,8 @@ def rollback(ctx: click.Context, host: Optional[str], inventory: Optional[Path],
     if inventory and host:
         raise UsageError("--host and --inventory do not go together")
     options = DeployOptions(host=host, python=python, remote_dir=remote_dir,
-                            ssh=_ssh_options(identity, known_hosts, False, connect_timeout))
+                            ssh=_ssh_options(identity, known_hosts, False, connect_timeout),
+                            **timeouts(probe_timeout, None, None))
     check_options(options)
     if inventory:
         from edgeq.fleet_deploy import FleetOptions, rollback_fleet

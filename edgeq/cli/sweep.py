@@ -10,6 +10,7 @@ import click
 from edgeq.calibration import DEFAULT_SAMPLES, DataOptions, parse_floats
 from edgeq.cli import main
 from edgeq.cli._common import clear_progress, echo_result, progress_printer
+from edgeq.cli.deploy import timeout_options, timeouts
 
 # Names only: edgeq.sweep imports the conversion stages (and TensorFlow) when the command runs.
 _OBJECTIVES = ("latency", "size", "energy")
@@ -68,7 +69,10 @@ def summary_lines(result: Any) -> list[str]:
     """Table, recommendation, where the files are, and what the figures are."""
     lines = [f"sweep of {result.model} on {result.target}: {len(result.recipes)} recipes, objective "
              f"{result.objective}, max drop {result.max_drop:g} points of {result.budget_metric}"]
-    if result.device:
+    if result.device and result.device.get("status") == "failed" and not result.device.get("runtime"):
+        lines.append(f"device: {result.device.get('host')}: FAILED, nothing measured there "
+                     f"({str(result.device.get('error'))[:300]})")
+    elif result.device:
         dev = result.device
         rt = dev.get("runtime") or {}
         lines.append(f"device: {dev.get('host')} ({dev.get('arch', '?')}"
@@ -131,6 +135,7 @@ def summary_lines(result: Any) -> list[str]:
 @click.option("--known-hosts", metavar="FILE", help="known_hosts file [default: ~/.ssh/known_hosts].")
 @click.option("--accept-new-host-key", is_flag=True, help="Trust an unknown host key (never a changed one).")
 @click.option("--connect-timeout", type=float, default=10.0, show_default=True, help="SSH connect timeout, seconds.")
+@timeout_options
 @click.option("--unsafe-load", is_flag=True, help="Let the model run the Python code it carries (Lambda layers).")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json on stdout.")
 def sweep(model: str, calib: str, eval_data: str, target: str, host: Optional[str], inventory: Optional[str],
@@ -138,6 +143,7 @@ def sweep(model: str, calib: str, eval_data: str, target: str, host: Optional[st
           output_dir: str, samples: int, eval_samples: Optional[int], mean: Optional[str], std: Optional[str],
           scale: Optional[float], seed: int, python: Optional[str], remote_dir: str, runs: int, min_seconds: float,
           identity: Optional[str], known_hosts: Optional[str], accept_new_host_key: bool, connect_timeout: float,
+          probe_timeout: Optional[float], upload_timeout: Optional[float], run_timeout: Optional[float],
           unsafe_load: bool, as_json: bool) -> None:
     """Try every quantization level of MODEL on a target and recommend one.
 
@@ -146,23 +152,29 @@ def sweep(model: str, calib: str, eval_data: str, target: str, host: Optional[st
     from one float export and one calibration, validated against float on
     --eval, checked against --target (fits, fast kernels) and, with --host,
     --inventory or --local, measured on the device. Writes DIR/sweep.json,
-    DIR/sweep.html and DIR/<recipe>.tflite. Exit code 5 when no recipe
-    qualifies.
+    DIR/sweep.html and DIR/<recipe>.tflite. Exit codes: 0 a recipe is
+    recommended; 5 no recipe qualifies; 4 the device failed (unreachable,
+    lost link, or every recipe failed there): sweep.json and sweep.html are
+    still written with the host-side results and the device marked failed.
     """
     from edgeq.errors import UsageError
-    from edgeq.sweep import NoQualifyingRecipe, SweepOptions, sweep as run_sweep
+    from edgeq.sweep import DeviceLost, NoQualifyingRecipe, SweepOptions, sweep as run_sweep
 
     if sum(bool(x) for x in (host, inventory, local)) > 1:
         raise UsageError("--host, --inventory and --local do not go together", "choose one device")
     device = None
+    if not (host or inventory or local) and timeouts(probe_timeout, upload_timeout, run_timeout):
+        raise UsageError("--probe-timeout, --upload-timeout and --run-timeout need a device",
+                         "add --host, --inventory or --local")
     if host or inventory or local:
-        from edgeq.deploy import DeployOptions
+        from edgeq.deploy import DeployOptions, check_options
         from edgeq.transport import SSHOptions
 
         ssh = SSHOptions(identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
                          connect_timeout=connect_timeout, passphrase=os.environ.get(_PASSPHRASE_ENV) or None)
         device = DeployOptions(host=host, python=python, remote_dir=remote_dir, runs=runs, min_seconds=min_seconds,
-                               ssh=ssh, activate=False)
+                               ssh=ssh, activate=False, **timeouts(probe_timeout, upload_timeout, run_timeout))
+        check_options(device)
     names = tuple(n.strip() for n in recipes.split(",") if n.strip()) if recipes is not None else None
     options = SweepOptions(
         output_dir=output_dir, recipes=names, recipe_file=recipe_file, max_drop=max_drop, objective=objective,
@@ -172,8 +184,8 @@ def sweep(model: str, calib: str, eval_data: str, target: str, host: Optional[st
     show = not as_json
     try:
         result = run_sweep(model, calib, eval_data, target, options, progress_printer(show))
-    except NoQualifyingRecipe as exc:
-        # The table says why each recipe lost; the error line (exit code 5) follows it.
+    except (NoQualifyingRecipe, DeviceLost) as exc:
+        # The table says why each recipe lost; the error line (exit code 5, or 4 for the device) follows it.
         clear_progress(show)
         echo_result(as_json, exc.result.to_dict(), summary_lines(exc.result))
         raise

@@ -90,14 +90,19 @@ def test_cut_mid_run(proxied, model_a, model_b, tmp_path, ledger):
 
 
 def _runner_pids(marker: str) -> list[int]:
+    """Runners in ``run`` mode (``python - run``; their arguments travel on stdin) that mapped a model under
+    ``marker`` (the runtime maps the model file)."""
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 cmd = (d / "cmdline").read_bytes().split(b"\0")
+                if cmd[1:3] != [b"-", b"run"]:
+                    continue
+                maps = (d / "maps").read_bytes()
             except OSError:
                 continue
-            if any(marker.encode() in c for c in cmd) and b"run" in cmd and b"--model" in cmd:
+            if marker.encode() in maps:
                 pids.append(int(d.name))
     return pids
 

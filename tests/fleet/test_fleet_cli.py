@@ -178,7 +178,6 @@ def test_invalid_inventory_values_rejected_before_anything_runs(fleet, tmp_path,
     inv = tmp_path / "bad.ini"
     inv.write_text(f"""[pis]
 ok ansible_host=127.0.0.1 ansible_port={fleet.servers[0].port} edgeq_remote_dir={tmp_path / 'never'}
-badport ansible_host=127.0.0.1 ansible_port=99999
 badhost ansible_host="a;touch /tmp/x"
 badpy ansible_host=127.0.0.1 ansible_python_interpreter="-c"
 badkey ansible_host=127.0.0.1 ansible_ssh_private_key_file=/nonexistent/key
@@ -186,10 +185,15 @@ badkey ansible_host=127.0.0.1 ansible_ssh_private_key_file=/nonexistent/key
     with pytest.raises(UsageError) as exc:
         plan_fleet(load_inventory(inv).select(), DeployOptions())
     text = str(exc.value)
-    for name in ("badport", "badhost", "badpy", "badkey"):
+    for name in ("badhost", "badpy", "badkey"):
         assert f"'{name}'" in text, text
     res = _cli(fleet, tmp_path / "kh", str(model_a), "--inventory", str(inv))
     assert res.exit_code == 2 and "nothing was run" in res.output
+    assert not (tmp_path / "never").exists()
+    # A port is checked when the inventory is read: one line naming the file and the host, nothing run.
+    inv.write_text(inv.read_text() + "badport ansible_host=127.0.0.1 ansible_port=99999\n")
+    res = _cli(fleet, tmp_path / "kh", str(model_a), "--inventory", str(inv))
+    assert res.exit_code == 1 and "'badport'" in res.output and str(inv) in res.output, res.output
     assert not (tmp_path / "never").exists()
     from types import MappingProxyType
 

@@ -32,6 +32,7 @@ COLLECTION_VERSION = "0.1.0"
 MAX_DOC_BYTES = 16 * 1024 * 1024
 REPORT_NAME = "edgeq-report.json"
 MAX_SAMPLES = 500  # latency samples kept in a module result
+MAX_INT_DIGITS = 20  # as edgeq.jsondoc: no count, size or time in a runner document is longer
 
 # Shared by the module (device side) and the action plugin (controller side): one spec, one set of messages.
 MODEL_ARGSPEC = dict(
@@ -88,8 +89,8 @@ def call(argv):
         runner.main(list(argv))
     text = out.getvalue().strip()
     try:
-        doc = json.loads(text.splitlines()[-1]) if text else None
-    except ValueError:
+        doc = loads(text.splitlines()[-1]) if text else None
+    except (ValueError, RecursionError):
         doc = None
     if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
         raise EdgeqModuleError("the runner gave no result for %s" % argv[0])
@@ -124,8 +125,8 @@ def run_child(argv, timeout):
                 "error": "the runner was killed by signal %d (the model may crash the runtime)" % -p.returncode}
     text = p.stdout[-MAX_DOC_BYTES:].decode("utf-8", "replace").strip()
     try:
-        doc = json.loads(text.splitlines()[-1]) if text else None
-    except ValueError:
+        doc = loads(text.splitlines()[-1]) if text else None
+    except (ValueError, RecursionError):
         doc = None
     if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
         tail = p.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
@@ -135,9 +136,26 @@ def run_child(argv, timeout):
 
 
 def finite(value):
+    """A finite float, or None: for a string, a boolean, NaN/Infinity, or an integer too large for a float
+    (``math.isfinite`` and ``float`` raise OverflowError on those; edgeq's checks compare them as integers)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _bounded_int(text):
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError("an integer of %d digits is out of range" % len(text.lstrip("-")))
+    return int(text)
+
+
+def loads(text):
+    """The runner's document: ``json.loads`` with integers bounded as edgeq bounds them (edgeq.jsondoc)."""
+    return json.loads(text, parse_int=_bounded_int)
 
 
 class Device:
@@ -242,19 +260,37 @@ class Device:
     def activate(self, sha):
         doc = call(["activate", "--dir", self.dir, "--sha", sha, "--token", self.token])
         if not doc["ok"]:
-            raise EdgeqModuleError("activating %s failed: %s; the previously active model is unchanged"
-                                   % (sha[:12], doc.get("error")))
+            # As edgeq deploy does: read back what is active rather than assume the switch did not happen.
+            now = self.activation()
+            if now.get("current") == sha:
+                raise EdgeqModuleError("activating %s reported an error (%s), but the device now runs it; "
+                                       "edgeq.fleet.rollback switches back" % (sha[:12], doc.get("error")))
+            unchanged = ("current is %s" % now["foreign"]) if now.get("foreign") else (now.get("current") or "none")
+            raise EdgeqModuleError("activating %s failed: %s; the active model is unchanged (%s)"
+                                   % (sha[:12], doc.get("error"), str(unchanged)[:200]))
         return doc
 
     def rollback(self):
         return call(["rollback", "--dir", self.dir, "--token", self.token])
 
+    def forget_previous(self, sha):
+        """Before removing model ``sha``: if it is the rollback target, there is none any more (the record beside
+        the current model and the older layout's ``previous`` link both say so)."""
+        state = self.activation()
+        if state["previous"] != sha:
+            return
+        if state["current"]:
+            runner._record_previous(self.dir, state["current"], None)
+        link = os.path.join(self.dir, "previous")
+        if os.path.islink(link):
+            os.unlink(link)
+
     def saved_report(self, sha):
         path = os.path.join(self.dir, "models", sha, REPORT_NAME)
         try:
             with open(path, "r") as f:
-                doc = json.loads(f.read(1 << 20))
-        except (OSError, IOError, ValueError):
+                doc = loads(f.read(1 << 20))
+        except (OSError, IOError, ValueError, RecursionError):
             return None
         return doc if isinstance(doc, dict) else None
 
@@ -333,6 +369,7 @@ def build_report(probe, run_doc, params, device, model, eval_info, sent, activat
                 "max_runs": params["max_runs"], "warmup_runs_done": run_doc.get("warmup_runs"),
                 "python": sys.executable, "remote_dir": device.dir, "inputs": run_doc.get("inputs"),
                 "outputs": run_doc.get("outputs")}
+    rss = run_doc.get("peak_rss_bytes")
     return {
         "edgeq_version": "edgeq.fleet %s" % COLLECTION_VERSION,
         "host": socket.gethostname(),
@@ -346,7 +383,7 @@ def build_report(probe, run_doc, params, device, model, eval_info, sent, activat
         "latency_ms": latency(run_doc.get("samples_ms")),
         "load_ms": finite(run_doc.get("load_ms")) or 0.0,
         "first_inference_ms": finite(run_doc.get("first_inference_ms")) or 0.0,
-        "peak_rss_bytes": run_doc.get("peak_rss_bytes") if isinstance(run_doc.get("peak_rss_bytes"), int) else None,
+        "peak_rss_bytes": rss if isinstance(rss, int) and not isinstance(rss, bool) else None,
         "accuracy": finite((ev or {}).get("accuracy")),
         "mae": finite((ev or {}).get("mae")),
         "eval": evaluation,
@@ -357,6 +394,7 @@ def build_report(probe, run_doc, params, device, model, eval_info, sent, activat
         "activation": activation,
         "warnings": list(warnings),
         "layer_diff": None,  # edgeq deploy --layer-diff only: it needs the host's reference run
+        "delegate": run_doc.get("delegate") if isinstance(run_doc.get("delegate"), dict) else None,
     }
 
 

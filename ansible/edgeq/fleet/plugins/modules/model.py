@@ -192,8 +192,7 @@ def _absent(module, dev, sha):
     if module.check_mode:
         return {"changed": True, "active": state["current"], "previous": state["previous"], "sha256": sha}
     with dev.locked(sha, module.params["lock_stale_s"], 300.0):
-        if state["previous"] == sha:
-            os.unlink(os.path.join(dev.dir, "previous"))
+        dev.forget_previous(sha)
         for name in os.listdir(folder):
             os.unlink(os.path.join(folder, name))
         os.rmdir(folder)

@@ -13,8 +13,10 @@ module: rollback
 short_description: Make the previously active edgeq model active again
 version_added: "0.1.0"
 description:
-  - Swaps C(REMOTE_DIR/current) and C(REMOTE_DIR/previous) atomically under the device lock, with edgeq's own runner,
-    exactly as C(edgeq rollback) does.
+  - Makes the previously active model current again (and the current one previous) in one atomic step under the
+    device lock, with edgeq's own runner, exactly as C(edgeq rollback) does.
+  - Refuses when C(REMOTE_DIR/current) is not a link edgeq made (a link outside C(models/), a file); the message
+    names it and says how to move it aside.
 author:
   - edgeq contributors (@edgeq)
 options:
@@ -52,7 +54,7 @@ active:
   returned: always
   type: str
 previous:
-  description: sha256 of the model C(REMOTE_DIR/previous) points at after the task.
+  description: sha256 of the model a rollback after the task would return to.
   returned: always
   type: str
 rolled_back_from:

@@ -1,0 +1,89 @@
+"""The collection's device helpers (module_utils/edgeq_device.py) keep the same checks as edgeq's device client,
+with the runner the collection embeds (deploy/runner.py): huge integers are not numbers, an activation that
+fails reads back what is active, and removing the rollback target leaves no rollback target behind."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+UTILS = ROOT / "ansible" / "edgeq" / "fleet" / "plugins" / "module_utils"
+PKG = "ansible_collections.edgeq.fleet.plugins.module_utils"
+
+
+@pytest.fixture
+def edev(monkeypatch):
+    """edgeq_device imported as the collection imports it, over deploy/runner.py (what the build embeds)."""
+    parts = PKG.split(".")
+    for i in range(1, len(parts) + 1):
+        pkg = types.ModuleType(".".join(parts[:i]))
+        pkg.__path__ = []
+        monkeypatch.setitem(sys.modules, pkg.__name__, pkg)
+    mods = {}
+    for name, path in (("edgeq_runner", ROOT / "deploy" / "runner.py"), ("edgeq_device", UTILS / "edgeq_device.py")):
+        spec = importlib.util.spec_from_file_location(f"{PKG}.{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, mod)
+        setattr(sys.modules[PKG], name, mod)
+        spec.loader.exec_module(mod)
+        mods[name] = mod
+    return mods["edgeq_device"]
+
+
+def _device(edev, remote: Path, n: int):
+    for sub in ("", "models", "data", "runner"):
+        (remote / sub).mkdir(mode=0o700, exist_ok=True)
+    shas = []
+    for i in range(n):
+        data = f"model {i}".encode()
+        digest = hashlib.sha256(data).hexdigest()
+        (remote / "models" / digest).mkdir(mode=0o700)
+        (remote / "models" / digest / "model.tflite").write_bytes(data)
+        shas.append(digest)
+    (remote / "lock").mkdir(mode=0o700)
+    (remote / "lock" / "owner.json").write_text(json.dumps({"token": "T", "since": time.time()}))
+    dev = edev.Device(str(remote))
+    dev.token = "T"
+    return dev, shas
+
+
+def test_huge_integers_are_not_numbers(edev, ledger):
+    assert edev.finite(10 ** 400) is None and edev.finite(True) is None and edev.finite(3) == 3.0
+    with pytest.raises(ValueError, match="digits"):
+        edev.loads('{"ok": true, "peak_rss_bytes": ' + "9" * 300 + "}")
+    assert edev.loads('{"n": 18446744073709551615}') == {"n": 2 ** 64 - 1}
+    ledger("bad_input", "collection: a 300-digit integer in a runner document")
+
+
+def test_activating_over_a_current_edgeq_did_not_make_is_refused_and_says_what_is_there(edev, tmp_path, ledger):
+    remote = tmp_path / "device"
+    dev, (a,) = _device(edev, remote, 1)
+    mine = tmp_path / "hand-made"
+    mine.mkdir()
+    os.symlink(str(mine), remote / "current")
+    with pytest.raises(edev.EdgeqModuleError) as exc:
+        dev.activate(a)
+    text = str(exc.value)
+    assert "unchanged (current is a link to " + str(mine) in text and "move it aside" in text, text
+    assert os.readlink(remote / "current") == str(mine)
+    ledger("bad_input", "collection: current is a link edgeq did not make")
+
+
+def test_removing_the_rollback_target_leaves_none(edev, tmp_path):
+    remote = tmp_path / "device"
+    dev, (a, b) = _device(edev, remote, 2)
+    dev.activate(a)
+    dev.activate(b)
+    assert dev.activation() == {"current": b, "previous": a}
+    dev.forget_previous(a)
+    assert dev.activation() == {"current": b, "previous": None}
+    assert not (remote / "previous").exists()
