@@ -21,6 +21,7 @@ objects and whose results are large ``bytes``.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import signal
@@ -82,6 +83,7 @@ def run_forked(stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
         status = 0
         try:
             os.close(read_fd)
+            faulthandler.disable()  # a crash here is reported by the parent, as one line
             try:
                 payload = pickle.dumps(("ok", fn(*args, **kwargs)), protocol=pickle.HIGHEST_PROTOCOL)
             except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
