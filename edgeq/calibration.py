@@ -24,11 +24,11 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from edgeq.errors import DataError, UsageError
+from edgeq.errors import DataError, EdgeqError, UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -532,7 +532,11 @@ def _read_image(f: Path, mode: str, width: int, height: int, role: str) -> np.nd
     return pixels.reshape(height, width, -1)
 
 
-def _load_function(src: str, inputs: Sequence[InputSpec], role: str) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+def import_function(src: str, what: str, error: type[EdgeqError]) -> Callable[[], Any]:
+    """The function named by ``module:function`` (user code, trusted), found as ``python -m`` finds modules.
+
+    ``what`` starts each message (``"calibration data mod:fn"``); failures raise ``error``.
+    """
     mod_name, fn_name = src.split(":")
     added = False
     if "" not in sys.path and "." not in sys.path:
@@ -541,14 +545,20 @@ def _load_function(src: str, inputs: Sequence[InputSpec], role: str) -> tuple[li
     try:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
-        raise DataError(f"{role} data {src}: cannot import module '{mod_name}' ({exc})",
-                        "check the module name and that it is on PYTHONPATH") from None
+        raise error(f"{what}: cannot import module '{mod_name}' ({exc})",
+                    "check the module name and that it is on PYTHONPATH") from None
     finally:
         if added:
             sys.path.remove("")
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise DataError(f"{role} data {src}: module '{mod_name}' has no function '{fn_name}'")
+        raise error(f"{what}: module '{mod_name}' has no function '{fn_name}'")
+    return fn
+
+
+def _load_function(src: str, inputs: Sequence[InputSpec], role: str) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+    fn_name = src.split(":")[1]
+    fn = import_function(src, f"{role} data {src}", DataError)
     try:
         produced = fn()
         iterator = iter(produced)

@@ -619,14 +619,7 @@ def _refuse_h5_code(path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - h5py raises OSError, KeyError, ValueError for broken files
         raise ModelError(f"cannot read {path} as HDF5 ({_first_line(exc)})",
                          "check that the file is a complete Keras model saved with model.save()") from None
-    try:
-        config = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise ModelError(f"{path}: model_config is not valid JSON",
-                         "check that the file is a complete Keras model saved with model.save()") from None
-    found = _code_in_config(config)
-    if found:
-        raise ModelError(f"{path} carries Python code ({found}) that loading would run", _UNSAFE_HINT)
+    _refuse_code_in(raw, path, "model_config")
 
 
 # A .keras archive: what its members may declare once decompressed (a zip bomb is refused before Keras
@@ -676,10 +669,15 @@ def _check_keras_archive(path: Path, unsafe_load: bool) -> None:
                          "check that the file is a complete Keras model saved with model.save()") from None
     if len(raw) > _MAX_H5_CONFIG:
         raise ModelError(f"{path}: config.json is larger than {_MAX_H5_CONFIG >> 20} MiB")
+    _refuse_code_in(raw, path, "config.json")
+
+
+def _refuse_code_in(raw: Any, path: Path, what: str) -> None:
+    """``ModelError`` when the model config text ``raw`` (``what`` in ``path``) is not JSON or carries code."""
     try:
         config = json.loads(raw)
     except (ValueError, RecursionError):
-        raise ModelError(f"{path}: config.json is not valid JSON",
+        raise ModelError(f"{path}: {what} is not valid JSON",
                          "check that the file is a complete Keras model saved with model.save()") from None
     found = _code_in_config(config)
     if found:

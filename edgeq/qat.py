@@ -283,7 +283,7 @@ class QatResult:
             "warnings": list(self.warnings),
         }
 
-    def summary_lines(self) -> list[str]:
+    def summary_lines(self, warnings: bool = True) -> list[str]:
         what = "accuracy" if self.metric == "accuracy" else "top-1 agreement"
         t = self.training
         return [
@@ -294,7 +294,7 @@ class QatResult:
             f"  {what:<16} float {self.float_accuracy:5.1f}%   PTQ int8 {self.ptq_accuracy:5.1f}%   "
             f"QAT int8 {self.qat_accuracy:5.1f}%",
             f"  size             PTQ {self.ptq_bytes / 1024:.1f} KB   QAT {self.qat_bytes / 1024:.1f} KB",
-        ] + [f"warning: {w}" for w in self.warnings]
+        ] + ([f"warning: {w}" for w in self.warnings] if warnings else [])
 
 
 def qat_convert(model: str, train: str, calib: str, eval_data: str, output: str,

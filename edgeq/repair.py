@@ -48,6 +48,7 @@ from edgeq import __version__
 from edgeq.calibration import DataOptions, Dataset, load_dataset
 from edgeq.errors import ConversionError, EdgeqError, InputError, OverBudget, UsageError
 from edgeq.progress import ProgressCallback, report
+from edgeq.safeio import refuse_output_over_input
 
 FIXES = ("calibration", "equalize", "mixed-int16", "float-fallback", "qat")
 # A layer whose output channels span ranges this uneven leaves most channels a few int8 steps:
@@ -733,10 +734,16 @@ def convert_with_budget(
     conv._check_output(report_path, "report")
     if out_path.resolve() == report_path.resolve():
         raise UsageError("the report path is the model output path", "choose another --report")
+    refuse_output_over_input([("output", out_path), ("report", report_path)],
+                             [("model", model_path), ("calibration data", conv._data_path(calib)),
+                              ("evaluation data", conv._data_path(options.eval_data)),
+                              ("training data", conv._data_path(repair.train_data))])
 
     with conv.quiet_tensorflow(), tempfile.TemporaryDirectory(prefix="edgeq-repair-") as workdir:
         report(progress, "load", str(model_path))
-        loaded = conv.load_model(model_path, options.load)
+        # A PyTorch model takes the layout of the calibration data, as in convert().
+        loaded = conv.load_model(model_path, replace(options.load,
+                                                     layout_data=options.load.layout_data or str(calib)))
         calib_data = load_dataset(calib, loaded.inputs, options.data, role="calibration")
         eval_data = load_dataset(options.eval_data, loaded.inputs,
                                  DataOptions(samples=options.eval_samples, seed=options.data.seed,

@@ -444,7 +444,8 @@ def sweep(model: str | Path, calib: str | Path, eval: str | Path, target: str | 
         workdir = Path(work)
         t = time.perf_counter()
         report(progress, "load", f"loading {model}")
-        loaded = stages.load_model(model, stages.LoadOptions(unsafe_load=options.unsafe_load))
+        # A PyTorch model takes the layout of the calibration data, as in convert().
+        loaded = stages.load_model(model, stages.LoadOptions(unsafe_load=options.unsafe_load, layout_data=str(calib)))
         timings["load_s"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import importlib
 import io
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -211,22 +209,10 @@ def _load_pt2(torch: Any, path: Path, unsafe_load: bool) -> tuple[Any, dict[str,
 
 
 def _call_function(torch: Any, src: str) -> tuple[Any, dict[str, Any]]:
-    mod_name, fn_name = src.split(":")
-    added = False
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # like `python -m`: modules in the working directory are found
-        added = True
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ModelError(f"model {src}: cannot import module '{mod_name}' ({exc})",
-                         "check the module name and that it is on PYTHONPATH") from None
-    finally:
-        if added:
-            sys.path.remove("")
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ModelError(f"model {src}: module '{mod_name}' has no function '{fn_name}'")
+    from edgeq.calibration import import_function
+
+    fn_name = src.split(":")[1]
+    fn = import_function(src, f"model {src}", ModelError)
     try:
         produced = fn()
     except Exception as exc:  # noqa: BLE001 - the user's code: any failure is a one-line ModelError

@@ -638,8 +638,6 @@ class _HostConfig:
 
 
 def _read_host_config(host_spec: str, options: SSHOptions, jump: bool) -> _HostConfig:
-    import paramiko
-
     user, alias, port = parse_host(host_spec)
     cfg_path = Path(options.ssh_config or "~/.ssh/config").expanduser()
     cfg: Any = {}

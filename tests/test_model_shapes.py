@@ -278,11 +278,17 @@ def test_a_collapsed_qat_model_warns_and_names_max_drop(tmp_path, ledger):
     out = tmp_path / "qat.tflite"
     r = CliRunner().invoke(main, ["qat", str(tmp_path / "tiny.keras"), "--train", str(tmp_path / "train.npz"),
                                   "--calib", str(tmp_path / "calib.npy"), "--eval", str(tmp_path / "eval.npz"),
-                                  "-o", str(out), "--epochs", "1", "--learning-rate", "1000"])
+                                  "-o", str(out), "--epochs", "1", "--learning-rate", "1000", "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(out.with_name("qat.report.json").read_text())
     assert doc["qat"]["float"] - doc["qat"]["qat"]["accuracy"] > 20  # the premise: training wrecked it
     (warning,) = doc["warnings"]
     assert "has collapsed" in warning and "--max-drop" in warning
-    assert "warning: " in r.output
+    # On stderr, so --json output stays one document and the warning is still seen.
+    assert json.loads(r.stdout)["warnings"] == [warning]
+    assert "warning: " in r.stderr and "--max-drop" in r.stderr
+    r = CliRunner().invoke(main, ["qat", str(tmp_path / "tiny.keras"), "--train", str(tmp_path / "train.npz"),
+                                  "--calib", str(tmp_path / "calib.npy"), "--eval", str(tmp_path / "eval.npz"),
+                                  "-o", str(out), "--epochs", "1", "--learning-rate", "1000", "--warn-drop", "100"])
+    assert r.exit_code == 0 and "warning:" not in r.output, r.output
     ledger("fault", "collapsed QAT model is a warning")

@@ -177,6 +177,24 @@ def test_convert_refuses_an_output_that_is_an_input(tmp_path, monkeypatch, case,
     ledger("bad_input", f"convert output over input ({case})")
 
 
+@pytest.mark.parametrize("case", ["output-is-model", "report-is-eval"])
+def test_convert_max_drop_refuses_an_output_that_is_an_input(tmp_path, monkeypatch, case, ledger):
+    # The repair path (convert --max-drop) writes through its own code: the same rule must hold there.
+    monkeypatch.chdir(tmp_path)
+    model = _fake_keras(tmp_path / "m.keras")
+    np.save(tmp_path / "c.npy", np.zeros((2, 3), np.float32))
+    np.savez(tmp_path / "e.npz", x=np.zeros((2, 3), np.float32), y=np.zeros(2))
+    args = ["convert", "m.keras", "--calib", "c.npy", "--eval", "e.npz", "--max-drop", "1", "-o", "out.tflite"]
+    if case == "output-is-model":
+        args[-1] = str(model)
+    else:
+        args += ["--report", "e.npz"]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    _one_error_line(_cli(*args), "would destroy the input")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    ledger("bad_input", f"convert --max-drop output over input ({case})")
+
+
 @pytest.mark.parametrize("case", ["report-is-output", "report-is-model"])
 def test_qat_refuses_a_report_over_its_model(tmp_path, monkeypatch, case, ledger):
     monkeypatch.chdir(tmp_path)

@@ -13,7 +13,7 @@ import click
 
 from edgeq.calibration import DEFAULT_SAMPLES, DataOptions, parse_floats
 from edgeq.cli import main
-from edgeq.cli._common import clear_progress, echo_result, progress_printer
+from edgeq.cli._common import clear_progress, echo, echo_result, progress_printer
 
 
 @main.command()
@@ -37,10 +37,12 @@ from edgeq.cli._common import clear_progress, echo_result, progress_printer
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and training.")
 @click.option("--report", "report_path", type=click.Path(path_type=str),
               help="Report JSON [default: OUTPUT with .report.json].")
+@click.option("--warn-drop", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="PTS",
+              help="Warn when the QAT model loses more than PTS points of accuracy against float.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def qat(model: str, train_data: str, calib: str, eval_data: str, output: str, epochs: int, learning_rate: float,
         batch_size: int, samples: int, mean: Optional[str], std: Optional[str], scale: Optional[float], seed: int,
-        report_path: Optional[str], as_json: bool) -> None:
+        report_path: Optional[str], warn_drop: float, as_json: bool) -> None:
     """Quantization-aware training: fine-tune MODEL with fake quantization, convert to full int8.
 
     Reports post-training (PTQ) and quantization-aware (QAT) int8 accuracy side
@@ -54,7 +56,10 @@ def qat(model: str, train_data: str, calib: str, eval_data: str, output: str, ep
     show = not as_json
     progress = progress_printer(show)
     result = qat_convert(model, train_data, calib, eval_data, output,
-                         QatOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed),
+                         QatOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                                    warn_drop=warn_drop),
                          data, progress, report_path)
     clear_progress(show)
-    echo_result(as_json, result.to_dict(), result.summary_lines())
+    echo_result(as_json, result.to_dict(), result.summary_lines(warnings=False))
+    for w in result.warnings:  # on stderr, as convert does: seen with --json and in pipelines too
+        echo(f"warning: {w}", err=True)

@@ -4,16 +4,15 @@ fails reads back what is active, and removing the rollback target leaves no roll
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
 import sys
-import time
 import types
 from pathlib import Path
 
 import pytest
+
+from tests.deploy.test_activation_state import _device as make_device_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 UTILS = ROOT / "ansible" / "edgeq" / "fleet" / "plugins" / "module_utils"
@@ -40,17 +39,7 @@ def edev(monkeypatch):
 
 
 def _device(edev, remote: Path, n: int):
-    for sub in ("", "models", "data", "runner"):
-        (remote / sub).mkdir(mode=0o700, exist_ok=True)
-    shas = []
-    for i in range(n):
-        data = f"model {i}".encode()
-        digest = hashlib.sha256(data).hexdigest()
-        (remote / "models" / digest).mkdir(mode=0o700)
-        (remote / "models" / digest / "model.tflite").write_bytes(data)
-        shas.append(digest)
-    (remote / "lock").mkdir(mode=0o700)
-    (remote / "lock" / "owner.json").write_text(json.dumps({"token": "T", "since": time.time()}))
+    shas = make_device_dir(remote, n)
     dev = edev.Device(str(remote))
     dev.token = "T"
     return dev, shas
