@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args(argv)
 
+    from edgeq.torch_convert import keep_triton_out
+
+    keep_triton_out()  # before torch: triton segfaults on import once TensorFlow is loaded
     import torch
 
     from tests.torch_models import digits_split

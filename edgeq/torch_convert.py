@@ -32,6 +32,7 @@ import inspect
 import io
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -81,7 +82,23 @@ def torch_format(path: str | Path) -> str:
     return "pt2"
 
 
+def keep_triton_out() -> None:
+    """Make ``import triton`` fail in this process (unless it is imported already).
+
+    PyPI's Linux torch wheels bring triton, the GPU kernel compiler, and torch imports it with torch._dynamo
+    (an optimizer or torch.export pulls that in). Once TensorFlow is loaded in the same process, importing
+    triton segfaults (measured: tensorflow 2.21, then triton 3.8 from torch 2.14.1+cu130); edgeq's
+    conversion, sweep and repair load both. Exporting for LiteRT runs on the CPU and never needs triton,
+    and torch treats a triton that cannot be imported as absent.
+    """
+    if "triton" not in sys.modules:
+        sys.modules["triton"] = None  # type: ignore[assignment]  # import -> ImportError
+        # torch then logs that flop counting cannot count triton kernels: not edgeq's user's concern.
+        logging.getLogger("torch.utils.flop_counter").setLevel(logging.ERROR)
+
+
 def _torch() -> Any:
+    keep_triton_out()
     try:
         import torch
     except ImportError:

@@ -91,6 +91,25 @@ def test_layout_follows_the_data_and_tensorflow_stays_out(digits_data):
     assert 100 * (got["acc"][0] - got["acc"][1]) <= 1.0
 
 
+def test_a_torch_model_loads_after_tensorflow_in_one_process(tmp_path):
+    """PyPI's Linux torch wheels bring triton, which segfaults on import once TensorFlow is loaded (sweep, repair
+    and the test suite load both). A user's build() that makes an optimizer imports it through torch._dynamo."""
+    (tmp_path / "usernet.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),"
+        " torch.nn.Linear(144, 3))\n"
+        "    torch.optim.Adam(model.parameters())  # imports torch._dynamo (and triton, where installed)\n"
+        "    return model.eval(), torch.zeros(1, 1, 8, 8)\n")
+    code = ("import tensorflow\n"
+            "from edgeq.convert import LoadOptions, load_model\n"
+            "m = load_model('usernet:build', LoadOptions(layout='nchw'))\n"
+            "print('inputs', [tuple(i.shape) for i in m.inputs])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "inputs [(1, 1, 8, 8)]" in proc.stdout, proc.stdout
+
+
 def test_layout_that_contradicts_the_data_is_a_data_error(digits_data, tmp_path, ledger):
     with pytest.raises(DataError, match="calib_nhwc.npy"):
         convert(DIGITS, digits_data / "calib_nhwc.npy", tmp_path / "x.tflite",

@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import nn
+
+from edgeq.torch_convert import keep_triton_out
+
+keep_triton_out()  # before torch: triton segfaults on import once TensorFlow is loaded (see there)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 
 def digits_split() -> dict[str, np.ndarray]:
