@@ -64,6 +64,7 @@ import errno
 import glob
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -531,15 +532,22 @@ def _boot_clock():
     return boot, up
 
 
-def _number(value):
-    """A finite float from an untrusted JSON value, else None (a huge integer or a string is not a time)."""
+def finite_number(value):
+    """A finite float from an untrusted JSON value, else None: for a string, a boolean, NaN/Infinity, or an
+    integer too large for a float (``float`` raises OverflowError on those). The Ansible glue uses it too."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:
         value = float(value)
     except OverflowError:
         return None
-    return value if -1e12 < value < 1e12 else None
+    return value if math.isfinite(value) else None
+
+
+def _number(value):
+    """A time from an untrusted JSON value, else None (a huge integer or a string is not a time)."""
+    value = finite_number(value)
+    return value if value is not None and -1e12 < value < 1e12 else None
 
 
 def _mark_age(wall, boot, up, now, boot_now, up_now):
@@ -1401,47 +1409,55 @@ def run(args):
     return result
 
 
-def _delegation(interp, requested):
-    """What a delegate really took, from the interpreter's op details (as ``edgeq.micro.delegated_nodes``).
+def delegated_nodes(ops):
+    """Which of the model's nodes a delegate (LiteRT's default: XNNPACK) took, from the interpreter's op details.
 
-    After the first inference the details list the model's own nodes, then one
-    ``DELEGATE`` node per partition a delegate took; a node belongs to a
-    partition when it is reached walking back from the partition's outputs
-    without crossing its inputs. A runtime that does not list its nodes
-    (no ``_get_ops_details``) gives ``applied: null``: unknown, not false.
+    After the first inference (or ``allocate_tensors``) the details list the
+    model's own nodes, then one ``DELEGATE`` node per partition the delegate
+    took, whose inputs and outputs are the partition's boundary tensors. A node
+    belongs to a partition when it is reached walking back from the partition's
+    outputs without crossing its inputs. The host's check (``edgeq.micro``)
+    counts with this function too.
     """
+    own = [o for o in ops if o.get("op_name") != "DELEGATE"]
+    partitions = [o for o in ops if o.get("op_name") == "DELEGATE"]
+    producer = {}
+    by_index = {}
+    for o in own:
+        by_index[int(o["index"])] = o
+        for t in o["outputs"]:
+            producer[int(t)] = int(o["index"])
+    taken = set()
+    for part in partitions:
+        boundary = set(int(t) for t in part["inputs"])
+        stack = [int(t) for t in part["outputs"]]
+        seen = set()
+        while stack:
+            t = stack.pop()
+            if t in seen or t in boundary or t not in producer:
+                continue
+            seen.add(t)
+            node = producer[t]
+            if node not in taken:
+                taken.add(node)
+                stack.extend(int(x) for x in by_index[node]["inputs"] if int(x) >= 0)
+    return {"nodes": len(own), "partitions": len(partitions), "delegated": sorted(taken),
+            "not_delegated": [[int(o["index"]), str(o["op_name"])] for o in own if int(o["index"]) not in taken]}
+
+
+def _delegation(interp, requested):
+    """What a delegate really took (``delegated_nodes``). A runtime that does not list its nodes (no
+    ``_get_ops_details``) gives ``applied: null``: unknown, not false."""
     doc = {"requested": requested, "applied": None, "delegated_nodes": None, "nodes": None, "partitions": None}
     get = getattr(interp, "_get_ops_details", None)
     if get is None:
         return doc
     try:
-        ops = get()
-        own = [o for o in ops if o.get("op_name") != "DELEGATE"]
-        parts = [o for o in ops if o.get("op_name") == "DELEGATE"]
-        producer = {}
-        inputs = {}
-        for o in own:
-            inputs[int(o["index"])] = [int(t) for t in o["inputs"] if int(t) >= 0]
-            for t in o["outputs"]:
-                producer[int(t)] = int(o["index"])
-        taken = set()
-        for part in parts:
-            boundary = set(int(t) for t in part["inputs"])
-            stack = [int(t) for t in part["outputs"]]
-            seen = set()
-            while stack:
-                t = stack.pop()
-                if t in seen or t in boundary or t not in producer:
-                    continue
-                seen.add(t)
-                node = producer[t]
-                if node not in taken:
-                    taken.add(node)
-                    stack.extend(inputs[node])
+        found = delegated_nodes(get())
     except Exception:  # a runtime whose op details differ: unknown, never a failed run
         return doc
-    doc.update({"applied": bool(taken), "delegated_nodes": len(taken), "nodes": len(own),
-                "partitions": len(parts)})
+    doc.update({"applied": bool(found["delegated"]), "delegated_nodes": len(found["delegated"]),
+                "nodes": found["nodes"], "partitions": found["partitions"]})
     return doc
 
 

@@ -121,6 +121,8 @@ def litert_memory(model_path: str, threads: int = 1, invoke: bool = True) -> dic
     import ai_edge_litert
     from ai_edge_litert.interpreter import Interpreter
 
+    from edgeq._device.runner import delegated_nodes  # the device counts delegated nodes the same way
+
     before = _rss_bytes()
     with _CaptureStderr():
         interp = Interpreter(model_path=model_path, num_threads=threads)
@@ -135,41 +137,6 @@ def litert_memory(model_path: str, threads: int = 1, invoke: bool = True) -> dic
     return {"interpreter_bytes": max(after, allocated) - before, "allocated_bytes": allocated - before,
             "invoked": invoke, "delegation": delegated_nodes(interp._get_ops_details()),
             "runtime_version": str(getattr(ai_edge_litert, "__version__", ""))}
-
-
-def delegated_nodes(ops: list[dict[str, Any]]) -> dict[str, Any]:
-    """Which of the model's nodes a delegate (LiteRT's default: XNNPACK) took, from the interpreter's op details.
-
-    After ``allocate_tensors`` the details list the model's own nodes, then one
-    ``DELEGATE`` node per partition the delegate took, whose inputs and outputs
-    are the partition's boundary tensors. A node belongs to a partition when
-    it is reached walking back from the partition's outputs without crossing
-    its inputs.
-    """
-    own = [o for o in ops if o.get("op_name") != "DELEGATE"]
-    partitions = [o for o in ops if o.get("op_name") == "DELEGATE"]
-    producer: dict[int, int] = {}
-    by_index: dict[int, dict[str, Any]] = {}
-    for o in own:
-        by_index[int(o["index"])] = o
-        for t in o["outputs"]:
-            producer[int(t)] = int(o["index"])
-    taken: set[int] = set()
-    for part in partitions:
-        boundary = {int(t) for t in part["inputs"]}
-        stack = [int(t) for t in part["outputs"]]
-        seen: set[int] = set()
-        while stack:
-            t = stack.pop()
-            if t in seen or t in boundary or t not in producer:
-                continue
-            seen.add(t)
-            node = producer[t]
-            if node not in taken:
-                taken.add(node)
-                stack.extend(int(x) for x in by_index[node]["inputs"] if int(x) >= 0)
-    return {"nodes": len(own), "partitions": len(partitions), "delegated": sorted(taken),
-            "not_delegated": [[int(o["index"]), str(o["op_name"])] for o in own if int(o["index"]) not in taken]}
 
 
 def litert_shapes(model_path: str, shapes: dict[str, list[int]]) -> dict[str, Any]:

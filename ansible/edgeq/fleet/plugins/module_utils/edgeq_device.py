@@ -18,7 +18,6 @@ __metaclass__ = type
 import contextlib
 import io
 import json
-import math
 import os
 import platform
 import socket
@@ -136,15 +135,8 @@ def run_child(argv, timeout):
 
 
 def finite(value):
-    """A finite float, or None: for a string, a boolean, NaN/Infinity, or an integer too large for a float
-    (``math.isfinite`` and ``float`` raise OverflowError on those; edgeq's checks compare them as integers)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        value = float(value)
-    except OverflowError:
-        return None
-    return value if math.isfinite(value) else None
+    """A finite float, or None: for a string, a boolean, NaN/Infinity, or an integer too large for a float."""
+    return runner.finite_number(value)
 
 
 def _bounded_int(text):
