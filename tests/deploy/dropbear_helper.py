@@ -34,30 +34,19 @@ from typing import Iterator
 import pytest
 
 from edgeq.transport import SSHOptions
-from tests.deploy.sshd_helper import free_port, keygen
+from tests.deploy.sshd_helper import Server, free_port, keygen
 
 DROPBEAR = Path("/usr/sbin/dropbear")
 BUSYBOX = Path("/usr/bin/busybox")
 
 
 @dataclass(frozen=True)
-class Dropbear:
-    """A running Dropbear: where it listens and the keys that go with it."""
+class Dropbear(Server):
+    """A running Dropbear."""
 
-    port: int
-    user: str
-    host_key_pub: str  # "ssh-ed25519 AAAA..."
-    client_key: Path
     sftp: bool
     home: Path  # the login user's home on the "device"
     log: Path
-
-    @property
-    def spec(self) -> str:
-        return f"{self.user}@127.0.0.1:{self.port}"
-
-    def known_hosts_line(self) -> str:
-        return f"[127.0.0.1]:{self.port} {self.host_key_pub}\n"
 
     def options(self, tmp_path: Path, **kw) -> SSHOptions:
         """SSH options that use only test files (this server's key in a fresh known_hosts, no agent)."""

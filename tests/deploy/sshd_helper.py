@@ -30,15 +30,13 @@ def keygen(path: Path, kind: str = "ed25519", passphrase: str = "") -> Path:
 
 
 @dataclass(frozen=True)
-class Sshd:
-    """A running sshd: where it listens and the keys that go with it."""
+class Server:
+    """An SSH server a test started on 127.0.0.1: where it listens and the keys that go with it."""
 
     port: int
     user: str
     host_key_pub: str  # "ssh-ed25519 AAAA..."
     client_key: Path
-    wrong_key: Path
-    log: Path
 
     @property
     def spec(self) -> str:
@@ -46,6 +44,14 @@ class Sshd:
 
     def known_hosts_line(self) -> str:
         return f"[127.0.0.1]:{self.port} {self.host_key_pub}\n"
+
+
+@dataclass(frozen=True)
+class Sshd(Server):
+    """A running OpenSSH sshd."""
+
+    wrong_key: Path
+    log: Path
 
 
 class SshdProcess:
