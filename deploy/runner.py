@@ -92,13 +92,37 @@ NPZ_BOMB_FLOOR = 64 << 20  # above this, an array packed more than NPZ_MAX_RATIO
 NPZ_MAX_RATIO = 100        # (images, features) compresses a few times, zeros a thousand times
 
 
+def _npy_declared(f, where, not_npy="is not an .npy array"):
+    """Bytes the .npy header at the start of the file object ``f`` declares (no data is read or allocated);
+    ``RunnerError`` ("data") naming ``where`` when it is not a plain numeric array. Standard library only."""
+    import ast
+    import re
+    import struct
+
+    magic = f.read(8)
+    if len(magic) < 8 or magic[:6] != b"\x93NUMPY" or magic[6:7] not in (b"\x01", b"\x02", b"\x03"):
+        raise RunnerError("eval data %s %s" % (where, not_npy), "data")
+    fmt = "<H" if magic[6:7] == b"\x01" else "<I"
+    size = struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+    if size > 10000:
+        raise RunnerError("eval data %s has a %d-byte header" % (where, size), "data")
+    header = ast.literal_eval(f.read(size).decode("latin1"))
+    descr = header.get("descr") if isinstance(header, dict) else None
+    shape = header.get("shape") if isinstance(header, dict) else None
+    m = re.match(r"^[<>|=]?([iufb])(\d+)$", descr) if isinstance(descr, str) else None
+    if (m is None or not isinstance(shape, tuple)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise RunnerError("eval data %s is not a plain numeric array" % where, "data")
+    declared = int(m.group(2))
+    for d in shape:
+        declared *= d
+    return declared
+
+
 def _npz_declared_bytes(path, limit=NPZ_MAX_BYTES):
     """Bytes the arrays of the .npz at ``path`` declare, read from each member's .npy header (no data is
     decompressed); ``RunnerError`` ("data") naming the file, the member and the sizes when a member declares
     more than it holds (a zip bomb) or the total passes ``limit``. Standard library only."""
-    import ast
-    import re
-    import struct
     import zipfile
 
     total = 0
@@ -108,25 +132,7 @@ def _npz_declared_bytes(path, limit=NPZ_MAX_BYTES):
                 if not info.filename.endswith(".npy"):
                     continue
                 with z.open(info) as member:
-                    magic = member.read(8)
-                    if len(magic) < 8 or magic[:6] != b"\x93NUMPY" or magic[6] not in (1, 2, 3):
-                        raise RunnerError("eval data %s: member %s is not an .npy array" % (path, info.filename), "data")
-                    size_fmt = "<H" if magic[6] == 1 else "<I"
-                    size = struct.unpack(size_fmt, member.read(struct.calcsize(size_fmt)))[0]
-                    if size > 10000:
-                        raise RunnerError("eval data %s: member %s has a %d-byte header" % (path, info.filename, size),
-                                          "data")
-                    header = ast.literal_eval(member.read(size).decode("latin1"))
-                descr = header.get("descr") if isinstance(header, dict) else None
-                shape = header.get("shape") if isinstance(header, dict) else None
-                m = re.match(r"^[<>|=]?([iufbc])(\d+)$", descr) if isinstance(descr, str) else None
-                if (m is None or not isinstance(shape, tuple)
-                        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-                    raise RunnerError("eval data %s: member %s is not a plain numeric array" % (path, info.filename),
-                                      "data")
-                declared = int(m.group(2))
-                for d in shape:
-                    declared *= d
+                    declared = _npy_declared(member, "%s member %s" % (path, info.filename))
                 if declared > info.file_size or (declared > NPZ_BOMB_FLOOR
                                                  and declared > NPZ_MAX_RATIO * max(info.compress_size, 1)):
                     raise RunnerError("eval data %s: member %s declares %d bytes from %d compressed (%d in the "
@@ -1484,33 +1490,14 @@ def _eval_limit():
 
 def _npy_declared_bytes(path, limit):
     """Bytes a plain .npy file declares in its header (read without numpy allocating anything)."""
-    import ast
-    import re
-    import struct
-
     try:
         with open(path, "rb") as f:
-            magic = f.read(8)
-            if len(magic) < 8 or magic[:6] != b"\x93NUMPY" or magic[6:7] not in (b"\x01", b"\x02", b"\x03"):
-                raise RunnerError("eval data %s is neither an .npz archive nor an .npy array" % path, "data")
-            fmt = "<H" if magic[6:7] == b"\x01" else "<I"
-            size = struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-            if size > 10000:
-                raise RunnerError("eval data %s has a %d-byte header" % (path, size), "data")
-            header = ast.literal_eval(f.read(size).decode("latin1"))
+            declared = _npy_declared(f, path, "is neither an .npz archive nor an .npy array")
             holds = os.fstat(f.fileno()).st_size - f.tell()
     except RunnerError:
         raise
     except Exception as exc:
         raise RunnerError("cannot read eval data %s: %s" % (path, _first_line(exc)), "data")
-    descr = header.get("descr") if isinstance(header, dict) else None
-    shape = header.get("shape") if isinstance(header, dict) else None
-    m = re.match(r"^[<>|=]?([iufb])(\d+)$", descr) if isinstance(descr, str) else None
-    if m is None or not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise RunnerError("eval data %s is not a plain numeric array" % path, "data")
-    declared = int(m.group(2))
-    for d in shape:
-        declared *= d
     if declared > holds or declared > limit:
         raise RunnerError("eval data %s: the array declares %d bytes (the file holds %d, the runner loads at most "
                           "%d)" % (path, declared, holds, limit), "data")
