@@ -63,9 +63,9 @@ demo: demo-model
 	$(BIN)/edgeq check $(OUT)/digits_int8.tflite --target rpi4
 	$(BIN)/edgeq check $(OUT)/digits_int8.tflite --target cortex-m4
 	$(BIN)/edgeq deploy $(OUT)/digits_int8.tflite --eval $(DEMO)/eval.npz \
-		--remote-dir $(CURDIR)/.cache/local-device -o reports/demo
+		--remote-dir $(CURDIR)/.cache/local-device -o reports/demo --force
 	$(BIN)/edgeq sweep $(DEMO)/model.keras --calib $(DEMO)/calib.npy --eval $(DEMO)/eval.npz \
-		--target rpi4 --local --remote-dir $(CURDIR)/.cache/local-device -o reports/demo-sweep
+		--target rpi4 --local --remote-dir $(CURDIR)/.cache/local-device -o reports/demo-sweep --force
 
 # An emulated Raspberry Pi 4 (arm64 Debian bookworm under qemu-user, own sshd and netns). Needs root;
 # the first start builds and caches the userland (about 4 minutes).

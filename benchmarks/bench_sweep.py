@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         common = ["--calib", str(calib), "--eval", str(evald), "--target", args.target, "--samples",
                   str(args.samples)]
         sweep_cmd = [*_edgeq(), "sweep", str(model), *common, "--recipes", ",".join(recipes),
-                     "--max-drop", "100", "-o", str(work / "sweep")]
+                     "--max-drop", "100", "-o", str(work / "sweep"), "--force"]  # every rep replaces the last
 
         def convert_cmd(recipe: str) -> list[str]:
             return [*_edgeq(), "convert", str(model), *common, "--recipe", recipe,

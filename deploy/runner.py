@@ -11,7 +11,9 @@ arguments on stdin too, as one line ahead of this file, ``EDGEQ_ARGS = [...]``
 (a list of strings), so the command line stays short whatever the arguments
 (Dropbear drops an exec request over 9,000 bytes). Arguments on the command
 line (``python - MODE ARGS...``, as the Ansible collection calls it) work too.
-This file must be able to follow that line: no ``from __future__`` import here.
+This file must be able to follow that line: no ``from __future__`` import here. What the host and the
+Ansible collection share with it (the arguments, untrusted-number checks) is ``protocol.py``, sent ahead
+of this file as the module ``edgeq_protocol`` (``protocol.standalone``).
 
 Modes:
   probe   [--dir DIR] [--have REL SHA ...]     device facts in one round trip; the sha256 of every file the
@@ -51,20 +53,15 @@ Timed runs follow benchmark_model: at least --runs (50) and at least
 --min-seconds (1 s), stopping at --max-runs (10000) or --max-seconds (150 s).
 """
 
-# Before anything is imported: ``python -`` puts the working directory first on sys.path, and a json.py
-# or numpy.py there would run instead of the real one. Not ``-I`` on the command line: that would also drop
-# user site-packages and PYTHONPATH, where a device's TFLite runtime is often installed.
+# On the device this file runs after the prologue of ``protocol.standalone`` (sys.path cleaned of the working
+# directory, the protocol module installed as ``edgeq_protocol``) and must import nothing before it.
 import sys
-if __name__ == "__main__" and sys.path and sys.path[0] in ("", "."):
-    del sys.path[0]
 
-import argparse
 import base64
 import errno
 import glob
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -76,15 +73,18 @@ import subprocess
 import tempfile
 import time
 
-RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
+try:
+    import edgeq_protocol as protocol  # sent ahead of this file (protocol.standalone) or set up by the collection
+except ImportError:
+    try:
+        from edgeq._device import protocol  # imported as a module of edgeq
+    except ImportError:
+        import protocol  # run as a script beside it (deploy/runner.py, tests)
+
+RUNTIMES = protocol.RUNTIMES
+RunnerError = protocol.RunnerError
 RUNNER_VERSION = 3
 SUBDIRS = ("models", "data", "runner")
-
-
-class RunnerError(Exception):
-    def __init__(self, message, kind="error"):
-        Exception.__init__(self, message)
-        self.kind = kind
 
 
 NPZ_MAX_BYTES = 1 << 30  # what an eval .npz may declare in total once loaded (documented in the README)
@@ -373,7 +373,7 @@ def safe_layout(remote_dir, create=True):
     return remote_dir
 
 
-def _file_sha(path):
+def file_sha(path):
     """sha256 of a regular file (never through a symlink), or None."""
     try:
         st = os.lstat(path)
@@ -412,7 +412,7 @@ def probe(args):
         if not remote_dir or rel.startswith("/") or ".." in rel.split("/"):
             raise RunnerError("not a path inside the remote directory: %r" % rel, "usage")
         full = os.path.join(remote_dir, rel)
-        have[rel] = _file_sha(full)
+        have[rel] = file_sha(full)
         if args.prepare:
             # models/<sha>/ made here, 0700, so the upload lands in a directory of ours.
             safe_dir(os.path.dirname(full))
@@ -538,24 +538,6 @@ def _boot_clock():
     return boot, up
 
 
-def finite_number(value):
-    """A finite float from an untrusted JSON value, else None: for a string, a boolean, NaN/Infinity, or an
-    integer too large for a float (``float`` raises OverflowError on those). The Ansible glue uses it too."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        value = float(value)
-    except OverflowError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _number(value):
-    """A time from an untrusted JSON value, else None (a huge integer or a string is not a time)."""
-    value = finite_number(value)
-    return value if value is not None and -1e12 < value < 1e12 else None
-
-
 def _mark_age(wall, boot, up, now, boot_now, up_now):
     """Seconds since one lock timestamp (the lock's taking or a heartbeat), judged without trusting the wall clock
     to have only gone forward.
@@ -588,14 +570,14 @@ def _lock_owner(lock_dir):
         doc = {}
     now = time.time()
     boot_now, up_now = _boot_clock()
-    since = _number(doc.get("since"))
+    since = protocol.bounded_seconds(doc.get("since"))
     if since is None:
         try:
             since = os.stat(lock_dir).st_mtime
         except OSError:
             since = now
     boot = doc.get("boot_id") if isinstance(doc.get("boot_id"), str) else None
-    ages = [_mark_age(since, boot, _number(doc.get("uptime_s")), now, boot_now, up_now)]
+    ages = [_mark_age(since, boot, protocol.bounded_seconds(doc.get("uptime_s")), now, boot_now, up_now)]
     beat_path = os.path.join(lock_dir, HEARTBEAT_FILE)
     try:
         beat_wall = os.stat(beat_path).st_mtime
@@ -611,7 +593,7 @@ def _lock_owner(lock_dir):
         if not isinstance(beat, dict):
             beat = {}
         beat_boot = beat.get("boot_id") if isinstance(beat.get("boot_id"), str) else None
-        ages.append(_mark_age(beat_wall, beat_boot, _number(beat.get("uptime_s")), now, boot_now, up_now))
+        ages.append(_mark_age(beat_wall, beat_boot, protocol.bounded_seconds(beat.get("uptime_s")), now, boot_now, up_now))
     doc["age_s"] = round(min(ages), 3)
     return doc
 
@@ -802,7 +784,7 @@ def _link_sha(remote_dir, name):
     except OSError:
         return None
     parts = target.rstrip("/").split("/")
-    return parts[-1] if len(parts) == 2 and parts[0] == "models" and _is_sha(parts[-1]) else None
+    return parts[-1] if len(parts) == 2 and parts[0] == "models" and protocol.is_sha(parts[-1]) else None
 
 
 PREVIOUS_RECORD = "previous"  # models/<sha>/previous: the model that was current when <sha> was made current
@@ -821,10 +803,10 @@ def _recorded_previous(remote_dir, sha):
         return False, None
     if not text:
         return True, None
-    return (True, text) if _is_sha(text) else (False, None)
+    return (True, text) if protocol.is_sha(text) else (False, None)
 
 
-def _record_previous(remote_dir, sha, previous):
+def record_previous(remote_dir, sha, previous):
     """Write ``models/<sha>/previous`` (temp file, fsync, rename): read only once ``current`` points at sha."""
     folder = os.path.join(remote_dir, "models", sha)
     safe_dir(folder, create=False)
@@ -916,7 +898,7 @@ def _switch_both(remote_dir, current_sha, previous_sha):
     record beside the new model (not read while that model is not current) and the new links. Then ``current``
     is renamed over, the one commit: a crash before it leaves the old pair, after it the new pair. The
     ``previous`` link is refreshed last, for readers of the older layout; the record is what counts."""
-    _record_previous(remote_dir, current_sha, previous_sha)
+    record_previous(remote_dir, current_sha, previous_sha)
     new_cur = _new_link(remote_dir, "current", current_sha)
     new_prev = None
     committed = False
@@ -945,10 +927,6 @@ def _switch_both(remote_dir, current_sha, previous_sha):
     _fsync_dir(remote_dir)
 
 
-def _is_sha(text):
-    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
-
-
 def _guard(remote_dir, token):
     lock_dir = os.path.join(remote_dir, LOCK_NAME)
     if os.path.islink(lock_dir) or not _holds(lock_dir, token):
@@ -965,7 +943,7 @@ def prune(remote_dir, keep, protect):
             st = os.lstat(full)
         except OSError:
             continue
-        if _is_sha(name) and stat.S_ISDIR(st.st_mode):
+        if protocol.is_sha(name) and stat.S_ISDIR(st.st_mode):
             entries.append((st.st_mtime, name))
     entries.sort(reverse=True)
     kept = set(n for _t, n in entries[:max(0, keep)]) | set(p for p in protect if p)
@@ -984,11 +962,11 @@ def prune(remote_dir, keep, protect):
 
 def activate(args):
     remote_dir = safe_layout(_remote_dir(args.dir), create=False)
-    if not _is_sha(args.sha):
+    if not protocol.is_sha(args.sha):
         raise RunnerError("not a sha256: %r" % args.sha, "usage")
     _guard(remote_dir, args.token)
     model = os.path.join(remote_dir, "models", args.sha, "model.tflite")
-    actual = _file_sha(model)
+    actual = file_sha(model)
     if actual != args.sha:
         raise RunnerError("%s does not match its sha256 (got %s); not activating it" % (model, actual), "checksum")
     before = activation_state(remote_dir)
@@ -1016,7 +994,7 @@ def rollback(args):
     prev = before["previous"]
     if not prev:
         raise RunnerError("there is no previous model in %s to roll back to" % remote_dir, "rollback")
-    if _file_sha(os.path.join(remote_dir, "models", prev, "model.tflite")) != prev:
+    if file_sha(os.path.join(remote_dir, "models", prev, "model.tflite")) != prev:
         raise RunnerError("the previous model %s is missing or corrupt in %s/models" % (prev[:12], remote_dir),
                           "rollback")
     _switch_both(remote_dir, prev, before["current"])
@@ -1199,13 +1177,10 @@ def _parse_shapes(specs, inputs, names):
     """``--input-shape`` values (``1x32x32x3`` or ``NAME=1x32x32x3``) as ``{tensor index: shape}``."""
     shapes = {}
     for spec in specs or []:
-        label, _, dims = spec.rpartition("=")
         try:
-            shape = [int(s) for s in dims.lower().split("x")]
-        except ValueError:
-            shape = []
-        if not shape or any(s < 1 or s > 1 << 20 for s in shape):
-            raise RunnerError("--input-shape %r is not a shape like 1x32x32x3" % spec, "usage")
+            label, shape = protocol.parse_shape(spec)
+        except ValueError as exc:
+            raise RunnerError(str(exc), "usage")
         if label:
             match = [d for d in inputs if label in names[int(d["index"])]]
         else:
@@ -1712,79 +1687,6 @@ def _peak_rss():
 
 # ---------------------------------------------------------------------- main
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage and exiting: a bad argument is one JSON document too."""
-
-    def error(self, message):
-        raise RunnerError("bad arguments: %s" % message, "usage")
-
-    def exit(self, status=0, message=None):
-        raise RunnerError("bad arguments: %s" % (message or "exit"), "usage")
-
-
-def _parser():
-    p = _Parser(prog="runner.py", description="edgeq on-device runner", add_help=False)
-    sub = p.add_subparsers(dest="mode", parser_class=_Parser)
-    pr = sub.add_parser("probe", add_help=False)
-    pr.add_argument("--dir")
-    pr.add_argument("--have", nargs=2, action="append", metavar=("REL", "SHA256"))
-    pr.add_argument("--prepare", action="store_true")
-    ins = sub.add_parser("install", add_help=False)
-    ins.add_argument("--item", nargs=3, action="append", metavar=("TMP", "FINAL", "SHA256"))
-    lk = sub.add_parser("lock", add_help=False)
-    lk.add_argument("--dir", required=True)
-    lk.add_argument("--token", required=True)
-    lk.add_argument("--owner")
-    lk.add_argument("--stale-after", type=float)
-    lk.add_argument("--break-token")
-    lk.add_argument("--ttl", type=float)
-    lk.add_argument("--race-hook", help=argparse.SUPPRESS)
-    rf = sub.add_parser("refresh", add_help=False)
-    rf.add_argument("--dir", required=True)
-    rf.add_argument("--token", required=True)
-    st = sub.add_parser("state", add_help=False)
-    st.add_argument("--dir", required=True)
-    ul = sub.add_parser("unlock", add_help=False)
-    ul.add_argument("--dir", required=True)
-    ul.add_argument("--token", required=True)
-    ac = sub.add_parser("activate", add_help=False)
-    ac.add_argument("--dir", required=True)
-    ac.add_argument("--sha", required=True)
-    ac.add_argument("--token", required=True)
-    ac.add_argument("--keep", type=int)
-    rb = sub.add_parser("rollback", add_help=False)
-    rb.add_argument("--dir", required=True)
-    rb.add_argument("--token", required=True)
-    r = sub.add_parser("run", add_help=False)
-    r.add_argument("--model", required=True)
-    r.add_argument("--eval")
-    r.add_argument("--runs", type=int, default=50)
-    r.add_argument("--warmup", type=int, default=1)
-    r.add_argument("--min-seconds", type=float, default=1.0)
-    r.add_argument("--min-warmup-seconds", type=float, default=0.5)
-    r.add_argument("--max-seconds", type=float, default=150.0)
-    r.add_argument("--max-runs", type=int, default=10000)
-    r.add_argument("--threads", type=int)
-    r.add_argument("--no-xnnpack", action="store_true")
-    r.add_argument("--runtime", choices=RUNTIMES)
-    r.add_argument("--eval-only", action="store_true")
-    r.add_argument("--max-outputs", type=int, default=100000)
-    r.add_argument("--max-eval-seconds", type=float)
-    r.add_argument("--input-shape", action="append", help="NAME=1x32x32x3 (or 1x32x32x3): a dynamic input's shape")
-    r.add_argument("--deadline", type=float, help="seconds after which the runner kills itself")
-    r.add_argument("--dir")
-    r.add_argument("--token")
-    ly = sub.add_parser("layers", add_help=False)
-    ly.add_argument("--model", required=True)
-    ly.add_argument("--eval", required=True)
-    ly.add_argument("--count", type=int, default=1)
-    ly.add_argument("--runtime", choices=RUNTIMES)
-    ly.add_argument("--max-bytes", type=int, default=512 * 1024)
-    ly.add_argument("--tensors")
-    ly.add_argument("--deadline", type=float)
-    return p
-
-
 def _self_deadline(seconds):
     """Die by SIGALRM after ``seconds``: a runner whose host gave up (or lost the link) does not run on."""
     if seconds is None or seconds <= 0 or not hasattr(signal, "setitimer"):
@@ -1805,7 +1707,7 @@ def _stdin_args(argv):
 
 def main(argv=None):
     try:
-        args = _parser().parse_args(_stdin_args(sys.argv[1:]) if argv is None else argv)
+        args = protocol.parse_args(_stdin_args(sys.argv[1:]) if argv is None else argv)
         if getattr(args, "deadline", None):
             _self_deadline(args.deadline)
         modes = {"probe": probe, "install": install, "lock": lock, "unlock": unlock, "refresh": refresh,

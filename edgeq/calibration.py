@@ -28,14 +28,13 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from edgeq.defaults import DEFAULT_SAMPLES
 from edgeq.errors import DataError, EdgeqError, UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 # A `module:function` source may yield forever; we read at most this many samples.
 MAX_ITERABLE_SAMPLES = 10_000
-
-DEFAULT_SAMPLES = 200
 
 # Images are decoded from files we did not make: one larger than this many pixels
 # (a 12 KB PNG can declare 100000 x 100000) is refused from its header, before

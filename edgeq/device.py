@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from edgeq import jsondoc
+from edgeq._device import protocol
 from edgeq.errors import (ConnectError, DeviceBusy, DeviceError, DeviceProtocolError, RemoteCommandError,
                           RunnerCrashed, UsageError)
 from edgeq.transport import Result, Transport
@@ -39,8 +40,9 @@ MAX_STRING = 64 << 10
 
 
 def runner_source() -> bytes:
-    """The on-device runner's source (``deploy/runner.py``, shipped as ``edgeq._device``)."""
-    return resources.files("edgeq._device").joinpath("runner.py").read_bytes()
+    """The program sent to the device: ``deploy/runner.py`` (shipped as ``edgeq._device``) behind the protocol
+    module it imports, as one standalone source (``protocol.standalone``)."""
+    return protocol.standalone(resources.files("edgeq._device").joinpath("runner.py").read_bytes())
 
 
 def runner_program(args: Sequence[str]) -> bytes:
@@ -101,7 +103,7 @@ def boolean(v: Any, where: str) -> None:
 
 
 def sha(v: Any, where: str) -> None:
-    if not (isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)):
+    if not protocol.is_sha(v):
         raise _Bad(f"{where} is not a sha256")
 
 
@@ -321,6 +323,10 @@ class DeviceClient:
         stdin ahead of the runner (``EDGEQ_ARGS = [...]``), so a long argument list
         (``--layers`` on a large model) never meets an SSH server's command limit.
         """
+        try:
+            protocol.parse_args([mode, *args])  # what the runner accepts, checked before anything is sent
+        except protocol.RunnerError as exc:
+            raise UsageError(f"edgeq built runner arguments the runner does not accept for {what}: {exc}") from None
         res = self.tr.run([self.python, "-", mode], timeout, stdin=runner_program(args), check=False)
         return self.parse(res, what, schema)
 

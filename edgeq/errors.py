@@ -2,34 +2,14 @@
 
 Every expected failure is an ``EdgeqError`` whose message names the file, key,
 op or host involved and says what to do next. Only the CLI turns these into
-exit codes (see ``ExitCode``).
+exit codes (``edgeq.cli._exit``): the library raises and returns results.
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
-
-
-class ExitCode(IntEnum):
-    """Documented exit codes of the ``edgeq`` command."""
-
-    OK = 0
-    ERROR = 1  # bad input, bad model, conversion failed
-    USAGE = 2  # bad command line (click's own code)
-    DOES_NOT_FIT = 3  # `edgeq check`: the model does not fit or run on the target
-    DEVICE = 4  # a device could not be reached or failed during deploy
-    NO_RECIPE = 5  # `edgeq sweep`: no executable recipe fits the target within --max-drop
-    OVER_BUDGET = 6  # `edgeq convert --max-drop`: no repair brought the accuracy drop within budget
-    GATE_FAILED = 7  # staged rollout: a host failed its health gate and was reverted
-    REVERT_FAILED = 8  # staged rollout: a host failed its gate and could NOT be reverted
-    INTERNAL = 70  # an unexpected exception: a bug in edgeq (EX_SOFTWARE)
-    INTERRUPTED = 130
-
 
 class EdgeqError(Exception):
     """Base of every error edgeq raises on purpose."""
-
-    exit_code: ExitCode = ExitCode.ERROR
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -44,8 +24,6 @@ class EdgeqError(Exception):
 
 class UsageError(EdgeqError):
     """Options that do not go together, or a value that cannot be right."""
-
-    exit_code = ExitCode.USAGE
 
 
 class InputError(EdgeqError):
@@ -71,13 +49,9 @@ class RecipeError(EdgeqError):
 class NoRecipeQualifies(EdgeqError):
     """No executable recipe fits the target and stays within the accuracy budget."""
 
-    exit_code = ExitCode.NO_RECIPE
-
 
 class OverBudget(EdgeqError):
     """No repair brought the quantized model's accuracy drop within ``--max-drop``."""
-
-    exit_code = ExitCode.OVER_BUDGET
 
 
 class TargetError(EdgeqError):
@@ -86,8 +60,6 @@ class TargetError(EdgeqError):
 
 class DeviceError(EdgeqError):
     """Something went wrong talking to, or running on, a device."""
-
-    exit_code = ExitCode.DEVICE
 
     def __init__(self, message: str, hint: str | None = None, host: str | None = None) -> None:
         super().__init__(message, hint)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from edgeq.check import CheckOptions, check_model
 from edgeq.errors import InputError, TargetError, UsageError
+from edgeq.outdir import prepare_dir
 from edgeq.safeio import atomic_write
 from edgeq.targets import TargetProfile
 from edgeq.tflite_file import TfliteModel, read_tflite
@@ -53,6 +54,7 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "schema": "edgeq.export/1",
             "out_dir": self.out_dir,
             "files": list(self.files),
             "model_bytes": self.model_bytes,
@@ -215,8 +217,7 @@ def export_c(model_path: str | Path, target: TargetProfile, out_dir: str | Path,
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory", "choose another -o")
-    if not out.parent.is_dir():
-        raise InputError(f"{out.parent}: no such directory", "create it first or choose another -o")
+    prepare_dir(out.parent, overwrite=True)  # missing parents are created, as for every -o DIR
     clash = [f for f in FILES if os.path.lexists(out / f)]
     if clash and not opts.force:
         raise InputError(f"{out / clash[0]} already exists", "use --force to overwrite, or another -o")

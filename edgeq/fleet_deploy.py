@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from edgeq import __version__
-from edgeq.deploy import (TIMEOUT_FLAGS, DeployOptions, DeployResult, RollbackResult, _check_model, _sha256_file,
-                          check_timeout, deploy, rollback)
+from edgeq.deploy import (TIMEOUT_FLAGS, DeployOptions, DeployResult, Outcome, RollbackResult, check_model,
+                          check_timeout, deploy, rollback, sha256_file)
 from edgeq.device import DeviceClient
 from edgeq.errors import InputError, UsageError
 from edgeq.fleet import run_fleet
@@ -29,6 +29,7 @@ from edgeq.transport import Transport, make_transport, parse_host
 # An inventory name becomes a report directory name: no separators, no dot-files.
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SCHEMA = "edgeq.fleet/1"
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,9 @@ class FleetTarget:
 
 @dataclass(frozen=True)
 class FleetHost:
-    """One host's outcome: ``status`` is ``ok``, ``failed`` or ``timeout``; ``result`` when ok."""
+    """One host's outcome: ``status`` is ``ok``, ``failed``, ``timeout`` or ``gate_failed`` (a deploy whose
+    health gate, given in its DeployOptions, failed: measured, reported, not activated); ``result`` when ok or
+    gate_failed."""
 
     name: str
     target: str
@@ -109,12 +112,13 @@ class FleetHost:
                                                    "mem_total_bytes", "python", "numpy", "cpu_governor",
                                                    "vcgencmd_temp")},
                 "activation": res.activation,
+                "gate": res.gate,
                 "transfer": res.transfer,
                 "warnings": list(res.warnings),
                 "report": f"{self.name}/report.json",
             })
         elif isinstance(res, RollbackResult):
-            row.update(res.to_dict())
+            row.update({k: v for k, v in res.to_dict().items() if k != "schema"})
         return row
 
 
@@ -138,9 +142,17 @@ class FleetResult:
     def failed(self) -> tuple[FleetHost, ...]:
         return tuple(h for h in self.hosts if not h.ok)
 
+    @property
+    def outcome(self) -> Outcome:
+        """A gate failed (worst), a host failed or timed out, or all ok."""
+        if any(h.status == "gate_failed" for h in self.hosts):
+            return Outcome.GATE_FAILED
+        return Outcome.OK if self.ok else Outcome.DEVICE_FAILED
+
     def to_dict(self) -> dict[str, Any]:
-        counts = {s: sum(1 for h in self.hosts if h.status == s) for s in ("ok", "failed", "timeout")}
-        return {"edgeq_version": self.edgeq_version, "action": self.action, "started_at": self.started_at,
+        counts = {s: sum(1 for h in self.hosts if h.status == s) for s in ("ok", "failed", "timeout", "gate_failed")}
+        return {"schema": SCHEMA, "outcome": self.outcome.value,
+                "edgeq_version": self.edgeq_version, "action": self.action, "started_at": self.started_at,
                 "seconds": round(self.seconds, 3), "forks": self.forks, "model": self.model,
                 "counts": {"hosts": len(self.hosts), **counts}, "hosts": [h.summary() for h in self.hosts]}
 
@@ -341,7 +353,11 @@ def _run(targets: Sequence[FleetTarget], options: FleetOptions, progress: Option
             else:
                 error = f"{error}; it timed out while switching models and the active model could not be read " \
                         f"back ({str(now)[:200]}): it may have switched"
-        hosts.append(FleetHost(t.name, t.target, o.status, error, o.error_type, o.seconds, o.result, after))
+        status = o.status
+        if isinstance(o.result, DeployResult) and o.result.outcome is Outcome.GATE_FAILED:
+            why = "; ".join((o.result.gate or {}).get("reasons") or [])
+            status, error = "gate_failed", f"failed its health gate ({why}); not activated"
+        hosts.append(FleetHost(t.name, t.target, status, error, o.error_type, o.seconds, o.result, after))
     return FleetResult(action, model, tuple(hosts), run.seconds, options.forks, started_at)
 
 
@@ -349,9 +365,9 @@ def deploy_fleet(model_path: str | Path, hosts: Sequence[InventoryHost], options
                  progress: Optional[ProgressCallback] = None) -> FleetResult:
     """Deploy ``model_path`` to every host in parallel; every host gets a status within its deadline."""
     model = Path(model_path)
-    _check_model(model)
+    check_model(model)
     targets = plan_fleet(hosts, options.deploy)
-    info = {"name": model.name, "sha256": _sha256_file(model), "bytes": model.stat().st_size}
+    info = {"name": model.name, "sha256": sha256_file(model), "bytes": model.stat().st_size}
 
     def work(t: FleetTarget, tr: Transport, prog: Optional[ProgressCallback]) -> DeployResult:
         return deploy(model, t.options, prog, transport=tr)
@@ -370,5 +386,5 @@ def rollback_fleet(hosts: Sequence[InventoryHost], options: FleetOptions = Fleet
     return _run(targets, options, progress, work, "rollback", None)
 
 
-__all__ = ["FleetHost", "FleetOptions", "FleetResult", "FleetTarget", "deploy_fleet", "plan_fleet",
+__all__ = ["SCHEMA", "FleetHost", "FleetOptions", "FleetResult", "FleetTarget", "deploy_fleet", "plan_fleet",
            "rollback_fleet"]

@@ -9,7 +9,7 @@ back on a pipe, and exits without running any teardown. A signal in the
 child becomes :class:`StageCrashed`. A fork of a process holding TensorFlow
 still costs tens of milliseconds (up to 0.1 s on a busy host), so the
 conversion stages fork only for models where TensorFlow is known to crash
-(``edgeq.convert._forks``). Only stages that run TensorFlow Lite and MLIR code
+(``edgeq.convert.quantizers.forks``). Only stages that run TensorFlow Lite and MLIR code
 may be forked: TensorFlow's own runtime (``TFLiteConverter.convert()``) can
 deadlock in a forked child (measured), because its thread pools do not survive
 ``fork``.

@@ -171,9 +171,9 @@ def with_tensor_shapes(data: bytes, shapes: dict[int, tuple[int, ...]]) -> bytes
     """
     import struct
 
-    from edgeq.tflite_file import _Reader
+    from edgeq.tflite_file import Reader
 
-    r = _Reader(data, "model")
+    r = Reader(data, "model")
     out = bytearray(data)
     written: dict[int, tuple[int, ...]] = {}
     root = r.u32(0)

@@ -15,13 +15,14 @@ class ProgressEvent:
     done: Optional[int] = None
     total: Optional[int] = None
     host: Optional[str] = None
+    unit: str = ""  # "" for items (samples, recipes, runs); "bytes" for transfers
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
 def report(callback: Optional[ProgressCallback], stage: str, message: str = "", done: Optional[int] = None,
-           total: Optional[int] = None, host: Optional[str] = None) -> None:
-    """Send an event to ``callback`` if there is one."""
+           total: Optional[int] = None, host: Optional[str] = None, unit: str = "") -> None:
+    """Send an event to ``callback`` if there is one (``unit="bytes"`` when done/total count bytes)."""
     if callback is not None:
-        callback(ProgressEvent(stage, message, done, total, host))
+        callback(ProgressEvent(stage, message, done, total, host, unit))

@@ -24,8 +24,13 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from edgeq.calibration import Dataset
+from edgeq.convert.tfenv import first_line
 from edgeq.errors import ConversionError, DataError, ModelError
 from edgeq.progress import ProgressCallback, report
+from edgeq.units import fmt_bytes
+
+
+SCHEMA = "edgeq.qat/1"  # the report of `edgeq qat`
 
 
 class QatError(ModelError):
@@ -60,11 +65,6 @@ class QatModel:
         return {"epochs": self.epochs, "train_samples": self.train_samples,
                 "final_loss": None if self.final_loss is None else round(self.final_loss, 5),
                 "rebuilt_in_tf_keras": self.rebuilt, "seconds": round(self.seconds, 3)}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def _is_tf_keras(model: Any) -> bool:
@@ -120,7 +120,7 @@ def _rebuild_layer(tf_keras: Any, layer: Any) -> Any:
             key = m and (m.group(1) or m.group(2))
             if not key or key not in config:
                 raise QatError(f"layer '{layer.name}' ({cls_name}) cannot be rebuilt in tf_keras "
-                               f"({_first_line(exc)})", "use the post-training fixes") from None
+                               f"({first_line(exc)})", "use the post-training fixes") from None
             del config[key]  # a Keras 3-only option (e.g. quantization_config)
     raise QatError(f"layer '{layer.name}' ({cls_name}) cannot be rebuilt in tf_keras")
 
@@ -147,7 +147,7 @@ def to_tf_keras(model: Any, check: Optional[np.ndarray] = None) -> tuple[Any, bo
         try:
             dst.set_weights(weights)
         except ValueError as exc:
-            raise QatError(f"layer '{src.name}': its weights do not fit the tf_keras layer ({_first_line(exc)})",
+            raise QatError(f"layer '{src.name}': its weights do not fit the tf_keras layer ({first_line(exc)})",
                            "use the post-training fixes") from None
     if check is not None and len(check):
         want = np.asarray(model(check, training=False))
@@ -208,7 +208,7 @@ def quantization_aware_training(
         qmodel = tfmot.quantization.keras.quantize_model(base)
     except Exception as exc:  # noqa: BLE001 - tfmot raises ValueError/RuntimeError/TypeError for unsupported layers
         raise QatError(f"tensorflow-model-optimization cannot wrap model '{model.name}' for QAT "
-                       f"({_first_line(exc)})", "use the post-training fixes") from None
+                       f"({first_line(exc)})", "use the post-training fixes") from None
     qmodel.compile(optimizer=tf_keras.optimizers.Adam(options.learning_rate), loss=_loss(tf_keras, base, y))
     losses: list[float] = []
 
@@ -236,7 +236,7 @@ def quantization_aware_training(
     try:
         content = converter.convert()
     except Exception as exc:  # noqa: BLE001 - the converter raises many kinds
-        raise ConversionError(f"the QAT model does not convert to full int8 ({_first_line(exc)})") from exc
+        raise ConversionError(f"the QAT model does not convert to full int8 ({first_line(exc)})") from exc
     final = losses[-1] if losses and math.isfinite(losses[-1]) else None
     return QatModel(content, options.epochs, int(len(x)), final, rebuilt, time.perf_counter() - t0)
 
@@ -267,6 +267,7 @@ class QatResult:
         from edgeq import __version__
 
         return {
+            "schema": SCHEMA,
             "edgeq_version": __version__,
             "model": {"path": self.model},
             "output": {"path": self.output, "sha256": self.sha256},
@@ -293,7 +294,7 @@ class QatResult:
             "",
             f"  {what:<16} float {self.float_accuracy:5.1f}%   PTQ int8 {self.ptq_accuracy:5.1f}%   "
             f"QAT int8 {self.qat_accuracy:5.1f}%",
-            f"  size             PTQ {self.ptq_bytes / 1024:.1f} KB   QAT {self.qat_bytes / 1024:.1f} KB",
+            f"  size             PTQ {fmt_bytes(self.ptq_bytes)}   QAT {fmt_bytes(self.qat_bytes)}",
         ] + ([f"warning: {w}" for w in self.warnings] if warnings else [])
 
 
@@ -303,51 +304,33 @@ def qat_convert(model: str, train: str, calib: str, eval_data: str, output: str,
     """Quantize ``model`` both ways: post-training int8 and QAT int8; write the QAT model and a report."""
     import hashlib
     import json
-    import tempfile
     from pathlib import Path
 
-    from edgeq import convert as conv
-    from edgeq.calibration import DataOptions, load_dataset
-    from edgeq.repair import _score
-    from edgeq.safeio import atomic_write, refuse_output_over_input
+    from edgeq.calibration import DataOptions
+    from edgeq.convert import (ConvertOptions, IoTypes, collapse_warning, default_report_path, model_format, prepare,
+                               quantize, quiet_tensorflow, score, validate)
+    from edgeq.convert.evaluate import score_model
+    from edgeq.safeio import atomic_write
+    from edgeq.tflite_file import parse_tflite
 
     t0 = time.perf_counter()
-    data = data or DataOptions()
     out_path = Path(output)
-    rpath = Path(report_path) if report_path else conv.default_report_path(out_path)
-    conv.model_format(model)
-    conv._check_output(out_path, "output")
-    conv._check_output(rpath, "report")
-    refuse_output_over_input([("output", out_path), ("report", rpath)],
-                             [("model", model), ("training data", conv._data_path(train)),
-                              ("calibration data", conv._data_path(calib)),
-                              ("evaluation data", conv._data_path(eval_data))])
-    with conv.quiet_tensorflow(), tempfile.TemporaryDirectory(prefix="edgeq-qat-") as work:
-        loaded = conv.load_model(model)
-        if loaded.loader == "saved_model":
-            raise QatError(f"{model} is a SavedModel: quantization-aware training needs the Keras model "
-                           "(.keras or .h5) with its layers")
-        eval_opts = DataOptions(samples=None, seed=data.seed, mean=data.mean, std=data.std, scale=data.scale)
-        calib_data = load_dataset(calib, loaded.inputs, data, role="calibration")
-        eval_set = load_dataset(eval_data, loaded.inputs, eval_opts, role="evaluation")
-        train_set = load_dataset(train, loaded.inputs, eval_opts, role="training")
-        if train_set.labels is None:  # before the minutes of work below
-            raise DataError(f"training data {train} has no labels",
-                            "give an .npz with the inputs and 'y' (the labels) for --train")
-        float_model = conv.export_float(loaded, work, progress)
-        calibration = conv.calibrate(float_model, calib_data, progress)
-        recipe = conv.ConvertOptions().resolved_recipe()
-        io = conv.IoTypes(options.input_type, options.output_type)
-        ptq = conv.quantize(float_model, calibration, recipe, io, progress)
-        ptq_val = conv.validate(ptq, float_model, eval_set, None, 0, progress)
-        metric, float_acc, ptq_acc = _score(ptq_val.fidelity)
-        trained = quantization_aware_training(loaded.model, train_set, calib_data, options, progress)
-        ref = conv._float_reference(float_model, eval_set, None)
-        got = conv._run_all(trained.content, eval_set, None, "qat")
-        if set(got) != set(ref) and len(got) == len(ref) == 1:
-            got = {next(iter(ref)): next(iter(got.values()))}
-        _, _, qat_acc = _score(conv._fidelity(ref, got, eval_set.labels))
-    from edgeq.tflite_file import parse_tflite
+    rpath = Path(report_path) if report_path else default_report_path(out_path)
+    if model_format(model) == "saved_model":
+        raise QatError(f"{model} is a SavedModel: quantization-aware training needs the Keras model "
+                       "(.keras or .h5) with its layers")
+    # Every evaluation sample (eval_samples None), as in the repair's QAT fix.
+    convert_options = ConvertOptions(data=data or DataOptions(), eval_data=eval_data, eval_samples=None)
+    outputs = (("output", out_path), ("report", rpath))
+    with quiet_tensorflow(), prepare(model, calib, convert_options, outputs=outputs, train_data=train, purpose="qat",
+                                     progress=progress) as p:
+        recipe = convert_options.resolved_recipe()
+        ptq = quantize(p.float_model, p.calibration, recipe, IoTypes(options.input_type, options.output_type),
+                       progress)
+        ptq_val = validate(ptq, p.float_model, p.eval, None, 0, progress)
+        metric, float_acc, ptq_acc = score(ptq_val.fidelity)
+        trained = quantization_aware_training(p.loaded.model, p.train, p.calib, options, progress)
+        _, _, qat_acc = score_model(p.float_model, trained.content, p.eval, "qat")
 
     tfl = parse_tflite(trained.content, str(out_path))
     allowed = set(tfl.main.inputs) | set(tfl.main.outputs) if "float32" in (options.input_type,
@@ -357,10 +340,10 @@ def qat_convert(model: str, train: str, calib: str, eval_data: str, output: str,
         raise ConversionError(f"the QAT model still has {len(floats)} float tensors (e.g. {floats[0].name})",
                               "replace the layers TFLite cannot quantize")
     # A collapsed QAT model is not a success: say so, with the way out (the budgeted repair).
-    collapsed = conv.collapse_warning(float_acc - qat_acc, "accuracy" if metric == "accuracy"
-                                      else "agreement with the float model", options.warn_drop,
-                                      "train longer (--epochs, --learning-rate), or let edgeq convert --max-drop "
-                                      "PTS choose among its repairs")
+    collapsed = collapse_warning(float_acc - qat_acc, "accuracy" if metric == "accuracy"
+                                 else "agreement with the float model", options.warn_drop,
+                                 "train longer (--epochs, --learning-rate), or let edgeq convert --max-drop "
+                                 "PTS choose among its repairs")
     result = QatResult(str(model), str(out_path), str(rpath), metric, float_acc, ptq_acc, qat_acc, ptq.size_bytes,
                        len(trained.content), trained, True, hashlib.sha256(trained.content).hexdigest(),
                        time.perf_counter() - t0, (collapsed,) if collapsed else ())

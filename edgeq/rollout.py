@@ -23,7 +23,6 @@ was already active before the rollout), ``revert_failed``, ``not_started``.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -32,15 +31,17 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from edgeq import __version__
-from edgeq.deploy import DeployOptions, DeployResult, timeout_hint
+from edgeq._device import protocol
+from edgeq.deploy import DeployOptions, DeployResult, Outcome, run_args, timeout_hint
 from edgeq.device import DeviceClient, DeviceLock
-from edgeq.errors import ConnectError, DeviceError, ExitCode, UsageError
+from edgeq.errors import ConnectError, DeviceError, UsageError
 from edgeq.fleet import run_fleet
 from edgeq.fleet_deploy import FleetHost, FleetOptions, FleetTarget, HostJob, deploy_fleet, plan_fleet
 from edgeq.inventory import InventoryHost
 from edgeq.progress import ProgressCallback, ProgressEvent, report
 from edgeq.transport import Transport
 
+SCHEMA = "edgeq.rollout/1"
 FAILED_STATUSES = ("failed", "timeout", "reverted", "gate_failed", "revert_failed")
 _BATCH_RE = re.compile(r"^\s*(\d+)\s*(%?)\s*$")
 
@@ -155,6 +156,15 @@ class RolloutResult:
         return all(h.ok for h in self.hosts)
 
     @property
+    def outcome(self) -> Outcome:
+        """How the rollout ended, worst first: a revert failed, a gate failed, a host failed, or all ok."""
+        if self.count("revert_failed"):
+            return Outcome.REVERT_FAILED
+        if self.count("reverted") or self.count("gate_failed"):
+            return Outcome.GATE_FAILED
+        return Outcome.OK if self.ok else Outcome.DEVICE_FAILED
+
+    @property
     def forks(self) -> int:
         return self.options.fleet.forks
 
@@ -165,6 +175,7 @@ class RolloutResult:
         statuses = ("ok", "failed", "timeout", "reverted", "gate_failed", "revert_failed", "not_started")
         o = self.options
         return {
+            "schema": SCHEMA, "outcome": self.outcome.value,
             "edgeq_version": self.edgeq_version, "action": self.action, "started_at": self.started_at,
             "seconds": round(self.seconds, 3), "forks": self.forks, "model": self.model,
             "counts": {"hosts": len(self.hosts), **{s: self.count(s) for s in statuses}},
@@ -222,41 +233,17 @@ def _validate(options: RolloutOptions) -> None:
     d = options.fleet.deploy
     if not d.activate:
         raise UsageError("a rollout activates the model; --no-activate does not go with --canary, --batch or a gate")
-    if options.gate_accuracy is not None:
-        if not (0.0 <= options.gate_accuracy <= 1.0) or math.isnan(options.gate_accuracy):
-            raise UsageError(f"--gate-accuracy {options.gate_accuracy}: a fraction from 0 to 1 (as in report.json)")
-        if not d.eval_data:
-            raise UsageError("--gate-accuracy needs --eval DATA.npz (the accuracy is measured on the device)")
-    if options.gate_p99_ms is not None and not (options.gate_p99_ms > 0 and math.isfinite(options.gate_p99_ms)):
-        raise UsageError(f"--gate-p99-ms {options.gate_p99_ms}: must be a positive number of milliseconds")
+    if d.gated:
+        raise UsageError("a rollout's health gate goes in RolloutOptions (gate_accuracy, gate_p99_ms), not in the "
+                         "deploy options (those gate a single host before activation)")
+    problems = protocol.gate_problems(options.gate_accuracy, options.gate_p99_ms, bool(d.eval_data))
+    if problems:
+        raise UsageError("; ".join(problems))
     if not (0.0 <= options.max_fail_pct <= 100.0):
         raise UsageError(f"--max-fail {options.max_fail_pct}: a percentage from 0 to 100")
 
 
 # --------------------------------------------------------------------- gate
-
-
-def _finite(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _sha_or_none(value: Any) -> Optional[str]:
-    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
-        return value
-    return None
-
-
-def _p99(samples: Any) -> Optional[float]:
-    if not isinstance(samples, list) or not samples:
-        return None
-    vals = [_finite(s) for s in samples]
-    if any(v is None for v in vals):
-        return None
-    import numpy as np
-
-    return float(np.percentile(np.asarray(vals, dtype=np.float64), 99))
 
 
 def check_gate(dev: DeviceClient, lock: DeviceLock, expected: str, eval_remote: Optional[str],
@@ -267,22 +254,12 @@ def check_gate(dev: DeviceClient, lock: DeviceLock, expected: str, eval_remote: 
     """
     d = host_options or options.fleet.deploy
     path = f"{lock.remote_dir}/current/model.tflite"
-    active = _sha_or_none(dev.state(lock.remote_dir, d.probe_timeout).get("current"))
+    active = protocol.sha_or_none(dev.state(lock.remote_dir, d.probe_timeout).get("current"))
     if active != expected:
         return GateResult(False, (f"current is {str(active)[:12]}, not the deployed {expected[:12]} "
                                   "(another deploy switched it)",), active, None, None, 0, path)
-    args = ["--model", path, "--max-outputs", "0", "--dir", lock.remote_dir, "--token", lock.token]
-    if options.gate_p99_ms is not None:
-        args += ["--runs", str(d.runs), "--warmup", str(d.warmup), "--min-seconds", repr(float(d.min_seconds)),
-                 "--min-warmup-seconds", repr(float(d.min_warmup_seconds)), "--max-runs", str(d.max_runs)]
-    else:
-        args.append("--eval-only")  # load + first inference (+ eval): no timing loop needed
-    if eval_remote:
-        args += ["--eval", eval_remote]
-    if d.threads:
-        args += ["--threads", str(d.threads)]
-    if not d.xnnpack:
-        args.append("--no-xnnpack")
+    # Without a latency threshold: load + first inference (+ eval), no timing loop needed.
+    args = run_args(d, path, eval_remote, lock, timed=options.gate_p99_ms is not None, max_outputs=0)
     try:
         with timeout_hint(d, "run_timeout"):
             doc = dev.run(args, d.run_timeout, "the health gate", max_samples=max(d.max_runs, d.runs))
@@ -291,23 +268,8 @@ def check_gate(dev: DeviceClient, lock: DeviceLock, expected: str, eval_remote: 
     except DeviceError as exc:  # the model does not load or infer from current: that is the gate failing
         return GateResult(False, (f"smoke run from current failed: {str(exc)[:300]}",), active, None, None, 0,
                           path)
-    reasons = []
-    ev = doc.get("eval")
-    accuracy = _finite(ev.get("accuracy")) if isinstance(ev, dict) else None
-    samples = doc.get("samples_ms")
-    p99 = _p99(samples)
-    if options.gate_accuracy is not None:
-        if accuracy is None:
-            reasons.append("no accuracy measured on the device (labels missing or not a classifier)")
-        elif accuracy < options.gate_accuracy:
-            reasons.append(f"accuracy {accuracy:.4f} < {options.gate_accuracy:g}")
-    if options.gate_p99_ms is not None:
-        if p99 is None:
-            reasons.append("no latency samples from the gate run")
-        elif p99 > options.gate_p99_ms:
-            reasons.append(f"p99 {p99:.3f} ms > {options.gate_p99_ms:g} ms")
-    runs = len(samples) if isinstance(samples, list) else 0
-    return GateResult(not reasons, tuple(reasons), active, accuracy, p99, runs, path)
+    v = protocol.gate_verdict(doc, options.gate_accuracy, options.gate_p99_ms)
+    return GateResult(v["passed"], tuple(v["reasons"]), active, v["accuracy"], v["p99_ms"], v["runs"], path)
 
 
 def revert(dev: DeviceClient, lock: DeviceLock, timeout: float) -> RevertResult:
@@ -316,7 +278,8 @@ def revert(dev: DeviceClient, lock: DeviceLock, timeout: float) -> RevertResult:
         doc = dev.rollback(lock, timeout)
     except DeviceError as exc:
         return RevertResult(False, None, None, str(exc)[:500])
-    return RevertResult(True, _sha_or_none(doc.get("active")), _sha_or_none(doc.get("previous")), None)
+    return RevertResult(True, protocol.sha_or_none(doc.get("active")), protocol.sha_or_none(doc.get("previous")),
+                        None)
 
 
 @dataclass(frozen=True)
@@ -467,16 +430,5 @@ def rollout(model_path: str | Path, hosts: Sequence[InventoryHost], options: Rol
                          time.monotonic() - started, started_at)
 
 
-def exit_status(result: RolloutResult) -> int:
-    """The documented exit code for a rollout: 0 ok, 4 a host failed, 7 a gate failed, 8 a revert failed."""
-    if result.count("revert_failed"):
-        return int(ExitCode.REVERT_FAILED)
-    if result.count("reverted") or result.count("gate_failed"):
-        return int(ExitCode.GATE_FAILED)
-    if not result.ok:
-        return int(ExitCode.DEVICE)
-    return int(ExitCode.OK)
-
-
 __all__ = ["FAILED_STATUSES", "GateResult", "RevertResult", "RolloutBatch", "RolloutHost", "RolloutOptions",
-           "RolloutResult", "check_gate", "exit_status", "parse_batch", "plan_batches", "revert", "rollout"]
+           "RolloutResult", "SCHEMA", "check_gate", "parse_batch", "plan_batches", "revert", "rollout"]

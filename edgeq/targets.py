@@ -9,6 +9,7 @@ profile's ``runtime`` and ``backend``. Every problem in a file is a
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -413,8 +414,11 @@ def load_target(name_or_path: str) -> TargetProfile:
         return _load_file(Path(text))
     path = _shipped_dir() / f"{text}.toml"
     if text.startswith("_") or not _NAME_RE.match(text) or not path.is_file():
+        names = shipped_names()
+        near = difflib.get_close_matches(text[:64].lower(), names, n=1, cutoff=0.6)
+        guess = f"did you mean {near[0]}? " if near else ""
         raise TargetError(f"unknown target {text!r}",
-                          f"known targets: {', '.join(shipped_names())}; or give the path of a .toml profile")
+                          f"{guess}known targets: {', '.join(names)}; or give the path of a .toml profile")
     profile = _load_file(path)
     if profile.name != text:
         raise TargetError(f"{path.name}:name: {profile.name!r} does not match the file name {text!r}")

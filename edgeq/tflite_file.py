@@ -139,6 +139,17 @@ class Subgraph:
     outputs: tuple[int, ...]
 
 
+def op_dtype(sg: Subgraph, op: Operator) -> str:
+    """The type an op computes on: its first non-constant input (or its first output)."""
+    for i in op.inputs:
+        if 0 <= i < len(sg.tensors) and not sg.tensors[i].has_data:
+            return sg.tensors[i].dtype
+    for i in op.outputs:
+        if 0 <= i < len(sg.tensors):
+            return sg.tensors[i].dtype
+    return "unknown"
+
+
 @dataclass(frozen=True)
 class TfliteModel:
     """What edgeq knows about a ``.tflite`` file after reading it once."""
@@ -192,7 +203,7 @@ WORK_PER_BYTE = 4
 WORK_BASE = 65536
 
 
-class _Reader:
+class Reader:
     """Bounds-checked FlatBuffer table access over one byte string, with a work budget."""
 
     def __init__(self, buf: bytes, where: str, budget: int | None = None) -> None:
@@ -315,7 +326,7 @@ def read_tflite(path: str | Path) -> TfliteModel:
 
 def parse_tflite(data: bytes, where: str = "<bytes>") -> TfliteModel:
     """Parse the bytes of a ``.tflite`` flatbuffer."""
-    r = _Reader(data, where)
+    r = Reader(data, where)
     if len(data) < 8 or data[4:8] != _FILE_IDENTIFIER:
         raise r._bad("missing the TFL3 file identifier")
     try:
@@ -326,7 +337,7 @@ def parse_tflite(data: bytes, where: str = "<bytes>") -> TfliteModel:
         raise r._bad(str(exc)) from None
 
 
-def _parse_model(r: _Reader, data: bytes, where: str) -> TfliteModel:
+def _parse_model(r: Reader, data: bytes, where: str) -> TfliteModel:
     root = r.u32(0)
     version = r.scalar(root, 0, "<I")
 

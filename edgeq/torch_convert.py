@@ -4,9 +4,9 @@ No TensorFlow on this path (litert-torch does not need it). ``edgeq.convert``
 runs the same stages as for a Keras model; for a PyTorch model the
 ``LoadedModel`` carries a ``TorchStages`` whose methods replace the TensorFlow
 ones: ``export_float`` (litert-torch), ``calibrate`` and ``quantize``
-(litert-quantizer, int8 inputs and outputs for the static recipes) and
-``reference`` (the PyTorch model's own outputs, which validation compares the
-quantized model against).
+(litert-quantizer, int8 inputs and outputs for the static recipes:
+``edgeq.torch_quantize``) and ``reference`` (the PyTorch model's own outputs,
+which validation compares the quantized model against).
 
 Two ways to name a PyTorch model:
 
@@ -27,28 +27,29 @@ calibration data has.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 import logging
 import re
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from edgeq import torch_quantize
 from edgeq.calibration import Dataset, InputSpec
-from edgeq.errors import ConversionError, EdgeqError, ModelError, RecipeError, UsageError
+from edgeq.convert.tfenv import first_line, quiet_converters
+from edgeq.convert.types import FloatModel, LoadedModel
+from edgeq.errors import EdgeqError, ModelError, UsageError
 from edgeq.progress import ProgressCallback, report
 from edgeq.recipes import Recipe
+from edgeq.tflite_file import parse_tflite
 
 TORCH_FORMATS = ("pt2", "torch-function")
 LAYOUTS = ("nchw", "nhwc")
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-_SIGNATURE = "serving_default"
 _EXPORT_DOC = "https://pytorch.org/docs/stable/export.html"
 _INSTALL_HINT = "pip install 'edgeq[torch]' (PyTorch and litert-torch)"
 
@@ -110,28 +111,12 @@ def _litert_torch() -> Any:
     try:
         # On import torchao reports the CUDA kernels it cannot load, and torch a deprecation (logging).
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-        with _quiet():
+        with quiet_converters():
             import litert_torch
     except ImportError:
         raise EdgeqError("PyTorch models need litert-torch", _INSTALL_HINT) from None
     litert_torch.config.show_progress = False  # the library never prints
     return litert_torch
-
-
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """litert-torch and litert-quantizer print progress and C++ log lines; keep them from the user."""
-    from edgeq.convert import quiet_tensorflow  # an fd-2 redirect; imports no TensorFlow
-
-    # torch's own log handlers keep the stderr they were made with: warnings off meanwhile.
-    level = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with quiet_tensorflow(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logging.disable(level)
 
 
 # ---------------------------------------------------------------- stage 1: load
@@ -150,11 +135,11 @@ class TorchStages:
         return export_float(loaded, self, progress)
 
     def calibrate(self, float_model: Any, calib: Dataset, progress: Optional[ProgressCallback] = None) -> Any:
-        return calibrate(float_model, calib, progress)
+        return torch_quantize.calibrate(float_model, calib, progress)
 
     def quantize(self, float_model: Any, calibration: Any, recipe: Recipe, io_types: Any,
                  progress: Optional[ProgressCallback] = None) -> Any:
-        return quantize(float_model, calibration, recipe, io_types, progress)
+        return torch_quantize.quantize(float_model, calibration, recipe, io_types, progress)
 
     def reference(self, data: Dataset) -> dict[str, np.ndarray]:
         return torch_outputs(self, data)
@@ -163,8 +148,6 @@ class TorchStages:
 def load_torch(path: str | Path, fmt: str, unsafe_load: bool = False, layout: Optional[str] = None,
                data_hint: Optional[str] = None) -> Any:
     """Load a PyTorch model as an ``edgeq.convert.LoadedModel`` whose ``stages`` are a ``TorchStages``."""
-    from edgeq.convert import LoadedModel
-
     if layout is not None and layout not in LAYOUTS:
         raise UsageError(f"unknown layout '{layout}'", f"choose one of {', '.join(LAYOUTS)}")
     if fmt == "pt2":
@@ -211,12 +194,12 @@ def _refuse_pt2(path: Path, unsafe_load: bool) -> None:
 def _load_pt2(torch: Any, path: Path, unsafe_load: bool) -> tuple[Any, dict[str, Any]]:
     _refuse_pt2(path, unsafe_load)
     try:
-        with _quiet():
+        with quiet_converters():
             ep = torch.export.load(str(path))
         module = ep.module()
         args, kwargs = ep.example_inputs or ((), {})
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad archive
-        raise ModelError(f"cannot load {path} as a torch.export program ({_first_line(exc)})",
+        raise ModelError(f"cannot load {path} as a torch.export program ({first_line(exc, 400)})",
                          "save it with torch.export.save() from the same PyTorch version") from None
     if not args and not kwargs:
         raise ModelError(f"{path} holds no example inputs",
@@ -233,7 +216,7 @@ def _call_function(torch: Any, src: str) -> tuple[Any, dict[str, Any]]:
     try:
         produced = fn()
     except Exception as exc:  # noqa: BLE001 - the user's code: any failure is a one-line ModelError
-        raise ModelError(f"model {src}: {fn_name}() raised {type(exc).__name__}: {_first_line(exc)}",
+        raise ModelError(f"model {src}: {fn_name}() raised {type(exc).__name__}: {first_line(exc, 400)}",
                          "run it on its own to see the traceback, or run edgeq with --debug") from exc
     if not (isinstance(produced, tuple) and len(produced) == 2 and isinstance(produced[0], torch.nn.Module)):
         raise ModelError(f"model {src}: {fn_name}() must return (nn.Module, example input)",
@@ -370,15 +353,12 @@ class _ModuleStack:
 
 def export_float(loaded: Any, stages: TorchStages, progress: Optional[ProgressCallback] = None) -> Any:
     """The float ``.tflite`` of a PyTorch model, made by litert-torch (through ``torch.export``)."""
-    from edgeq.convert import FloatModel
-    from edgeq.tflite_file import parse_tflite
-
     t = time.perf_counter()
     report(progress, "export", f"torch.export and litert-torch ({stages.layout.upper()} inputs)")
     litert_torch = _litert_torch()
     watch = _ModuleStack(stages.module)
     try:
-        with _quiet():
+        with quiet_converters():
             content = bytes(litert_torch.convert(stages.module, (), dict(stages.example)).model_content())
     except EdgeqError:
         raise
@@ -391,7 +371,7 @@ def export_float(loaded: Any, stages: TorchStages, progress: Optional[ProgressCa
 
 def trace_error(exc: BaseException, module: Optional[str], path: str) -> ModelError:
     """One line naming the module torch.export could not trace and the documented workaround."""
-    first = _first_line(exc)
+    first = first_line(exc, 400)
     where = f"module {module}" if module else "the model's forward"
     if module is None and not _is_export_error(exc):
         return ModelError(f"litert-torch could not convert {path}: {first[:300]}",
@@ -415,158 +395,6 @@ def _chain(exc: BaseException) -> list[BaseException]:
         out.append(e)
         e = e.__cause__ or e.__context__
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:400]
-
-
-# ---------------------------------------------------------------- stage 3 and 4: litert-quantizer
-
-
-def calibrate(float_model: Any, calib: Dataset, progress: Optional[ProgressCallback] = None) -> Any:
-    """Record activation ranges once with litert-quantizer (kept for every static recipe)."""
-    from edgeq.convert import Calibration, _float_input_names
-    from edgeq.errors import InputError
-    from edgeq.quantize import _litert_recipe
-
-    t = time.perf_counter()
-    names = _float_input_names(float_model.content)
-    if sorted(names) != sorted(calib.names):
-        raise InputError(f"calibration data {calib.source} has inputs {', '.join(calib.names)} but the model "
-                         f"takes {', '.join(names)}", "name the arrays after the model's inputs (forward's parameters)")
-    report(progress, "calibrate", f"{len(calib)} samples (litert-quantizer)")
-    try:
-        from litert_quantizer import Quantizer
-    except ImportError:
-        raise ConversionError("calibrating a PyTorch model needs litert-quantizer",
-                              "pip install 'edgeq[convert]'") from None
-    from litert_quantizer import calibrator as lq_calibrator
-    from litert_quantizer.utils import qsv_utils
-
-    int8 = Recipe("int8", 8, "int8", "per-channel", 0, "litert-quantizer", True, (), ())
-    try:
-        with _quiet():
-            q = Quantizer(bytearray(float_model.content), _litert_recipe(int8))
-            # Global min/max over every sample, as TensorFlow's calibrator records for Keras models.
-            # litert-quantizer's default is a moving average, which clips the activations of samples
-            # with large values (measured on the digits CNN: 18 dB SQNR against PyTorch, 41 dB here).
-            cal = lq_calibrator.Calibrator(bytes(float_model.content), num_threads=1,
-                                           qsv_update_func=qsv_utils.min_max_update)
-            cal.calibrate({_SIGNATURE: [calib.sample(i) for i in range(len(calib))]}, q._recipe_manager)
-            qsvs = cal.get_model_qsvs()
-    except EdgeqError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise ConversionError(f"calibration failed: {_first_line(exc)}",
-                              "check that the calibration samples fit the model's inputs") from None
-    # ``calibrated`` holds TensorFlow's calibrated model for Keras; here the ranges live in _litert.
-    return Calibration(calib, float_model.content, time.perf_counter() - t, {"qsvs": qsvs})
-
-
-# The shipped recipes TensorFlow's converter makes, as litert-quantizer makes them for a PyTorch model.
-_AS_LITERT = {"int8", "int8-per-tensor", "int16x8", "dynamic-int8", "fp32"}
-
-
-def quantize(float_model: Any, calibration: Any, recipe: Recipe, io_types: Any,
-             progress: Optional[ProgressCallback] = None) -> Any:
-    """Apply ``recipe`` with litert-quantizer; static recipes get integer inputs and outputs."""
-    from edgeq.convert import QuantizedModel, _float_ops, _signature_names
-    from edgeq.quantize import litert_quantize
-    from edgeq.tflite_file import parse_tflite
-
-    if not recipe.executable:
-        raise RecipeError(f"recipe '{recipe.name}' is simulated and never written as a .tflite",
-                          "use edgeq.quantize.simulate() to measure it")
-    if recipe.quantizer == "tflite-converter" and recipe.name not in _AS_LITERT \
-            and not (recipe.activations in ("int8", "int16") and recipe.weights_bits == 8):
-        raise RecipeError(f"recipe '{recipe.name}' is made by TensorFlow's converter from a SavedModel, which a "
-                          "PyTorch model does not have", "choose int8, int16x8, dynamic-int8 or int8-weight-only")
-    full_integer = recipe.activations in ("int8", "int16")
-    if full_integer and calibration is None:
-        raise UsageError(f"recipe '{recipe.name}' has static activations and needs a calibration")
-    integer_io = "int16" if recipe.activations == "int16" else "int8"
-    wanted = (io_types.input or (integer_io if full_integer else "float32"),
-              io_types.output or (integer_io if full_integer else "float32"))
-    if full_integer and wanted != (integer_io, integer_io):
-        raise UsageError(f"a PyTorch model quantized with {recipe.name} takes and returns {integer_io} "
-                         f"(litert-quantizer makes integer inputs and outputs)",
-                         f"leave --input-type/--output-type at {integer_io}")
-    if not full_integer and wanted != ("float32", "float32"):
-        raise UsageError(f"--input-type/--output-type do not go with recipe {recipe.name}",
-                         "leave them at float32")
-    made = replace(recipe, quantizer="litert-quantizer")
-    t = time.perf_counter()
-    report(progress, "convert", f"quantizing ({recipe.name}, litert-quantizer)")
-    if recipe.activations == "float" and recipe.weights_bits == 32:
-        content = float_model.content
-    elif recipe.activations == "float" and recipe.weights_bits == 16:
-        raise RecipeError("recipe 'fp16' is made by TensorFlow's converter from a SavedModel",
-                          "choose int8-weight-only or dynamic-int8 for a PyTorch model")
-    else:
-        try:
-            with _quiet():
-                content = litert_quantize(float_model.content, made,
-                                          calibration.dataset if calibration else None,
-                                          calibration._litert if calibration else None)
-        except EdgeqError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise ConversionError(f"litert-quantizer could not make recipe '{recipe.name}': {_first_line(exc)}",
-                                  "choose another recipe, or run with --debug for the full message") from exc
-    quant = parse_tflite(content, f"{recipe.name} model")
-    if full_integer:
-        floats = _float_ops(quant, wanted[0], wanted[1])
-        if floats:
-            raise no_int_kernel_error(floats, recipe, [n for n, _ in float_model.loaded.stages.module.named_modules() if n])
-        io_dtypes = {t.dtype for t in quant.inputs + quant.outputs if t.dtype.startswith("float")}
-        if io_dtypes:
-            raise ConversionError(f"litert-quantizer left the model's inputs or outputs in {', '.join(io_dtypes)}",
-                                  "run with --debug, or choose another recipe")
-    warns = []
-    static = all(d > 0 for t_ in quant.inputs for d in t_.shape_signature)
-    if not static:
-        warns.append("the model has dynamic shapes; microcontroller runtimes may not support them")
-    return QuantizedModel(made, content, quant, wanted[0], wanted[1], static, _signature_names(content),
-                          tuple(warns), time.perf_counter() - t)
-
-
-def no_int_kernel_error(floats: list[tuple[str, str]], recipe: Recipe, module_names: Sequence[str]) -> ConversionError:
-    """Name the ops (and PyTorch modules, from litert-torch's tensor names) a full-integer recipe left in float."""
-    names = []
-    for op, tensor in floats:
-        module = module_of(tensor, module_names)
-        names.append(f"{op} (module '{module}')" if module else f"{op} (at '{tensor.split(';')[0][:120]}')")
-    uniq = list(dict.fromkeys(names))
-    return ConversionError(
-        f"{', '.join(uniq)} cannot be quantized to {recipe.name}: litert-quantizer left "
-        f"{'it' if len(uniq) == 1 else 'them'} in float32 (no integer kernel)",
-        "replace that module with ops that have integer kernels, or choose a recipe that keeps it in float")
-
-
-def module_of(tensor: str, module_names: Sequence[str]) -> Optional[str]:
-    """The deepest PyTorch module a litert-torch tensor name points at, or None.
-
-    litert-torch names a tensor after its module stack, ``Root/pkg.Class_attr/pkg.Class_attr;...``
-    (several such locations separated by ``;`` for fused ops); ``module_names`` are the
-    ``named_modules()`` paths of the exported (wrapped) module.
-    """
-    known = set(module_names)
-    best = None
-    for loc in tensor.split(";"):
-        path = ""
-        for part in loc.split("/")[1:]:
-            children = [n for n in known if n.rsplit(".", 1)[0] == path or (not path and "." not in n)]
-            match = [c for c in children if part.endswith("_" + c.rsplit(".", 1)[-1])]
-            if not match:
-                break
-            path = max(match, key=len)
-        if path and (best is None or path.count(".") > best.count(".")):
-            best = path
-    if best is None:
-        return None
-    return best.removeprefix("inner.") if best != "inner" else None
 
 
 # ---------------------------------------------------------------- stage 5: the PyTorch reference
@@ -596,63 +424,3 @@ def _flatten(torch: Any, out: Any) -> list[Any]:
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in _flatten(torch, v)]
     return []
-
-
-# ---------------------------------------------------------------- the TRANSPOSE report (for check)
-
-
-def transpose_report(model: Any, target: Any) -> dict[str, Any]:
-    """How many TRANSPOSE ops a model has and what they cost on ``target`` (an estimate).
-
-    Layout conversions (PyTorch's NCHW to TFLite's NHWC) leave TRANSPOSE ops:
-    pure data movement, which the MAC-based latency estimate does not count.
-    Each moved element is costed as one element op at the profile's rate for
-    its type (slowed by ``fallback_slowdown`` when the backend has no
-    optimized TRANSPOSE for that type).
-    """
-    from edgeq.check import op_dtype
-
-    rows = []
-    seconds = 0.0
-    mpc = target.macs_per_cycle
-    for sg in model.subgraphs:
-        for op in sg.operators:
-            if op.op != "TRANSPOSE" or not op.outputs:
-                continue
-            out = sg.tensors[op.outputs[0]]
-            n = 1
-            for d in out.shape:
-                n *= max(int(d), 1)
-            dtype = op_dtype(sg, op)
-            key = "float32" if dtype.startswith("float") else ("int16" if dtype == "int16" else "int8")
-            rate = (mpc.get(key) or min(mpc.values())) * target.clock_hz * target.threads
-            fast = target.is_accelerated("TRANSPOSE", dtype)
-            if not fast:
-                rate /= target.fallback_slowdown
-            seconds += n / rate
-            rows.append({"tensor": out.name.split(";")[0][:120], "dtype": dtype, "elements": n,
-                         "bytes": n * out_itemsize(dtype), "accelerated": fast})
-    return {
-        "count": len(rows),
-        "elements": sum(r["elements"] for r in rows),
-        "bytes_moved": sum(r["bytes"] for r in rows),
-        "estimated_ms": round(seconds * 1000, 4),
-        "ops": rows,
-        "basis": f"one element op per moved element at the profile's rate ({target.clock_hz / 1e6:g} MHz), "
-                 f"{target.fallback_slowdown:g}x slower without an optimized {target.backend} kernel; an estimate",
-    }
-
-
-def out_itemsize(dtype: str) -> int:
-    try:
-        return int(np.dtype(dtype).itemsize)
-    except TypeError:
-        return 1
-
-
-def transpose_summary(report_: dict[str, Any]) -> Optional[str]:
-    """One summary line for ``edgeq check`` (None when the model has no TRANSPOSE)."""
-    if not report_["count"]:
-        return None
-    return (f"layout: {report_['count']} TRANSPOSE op(s) move {report_['elements']} elements "
-            f"(about {report_['estimated_ms']:g} ms on the target, estimated)")

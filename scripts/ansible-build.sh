@@ -10,5 +10,6 @@ SRC=$ROOT/ansible/edgeq/fleet
 # One implementation: the modules run the very runner `edgeq deploy` sends (tests/ansible/test_collection.py
 # fails when the two differ).
 cp "$ROOT/deploy/runner.py" "$SRC/plugins/module_utils/edgeq_runner.py"
+cp "$ROOT/deploy/protocol.py" "$SRC/plugins/module_utils/edgeq_protocol.py"
 mkdir -p "$OUT"
 "$GALAXY" collection build "$SRC" --output-path "$OUT" --force

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.tflite_file import _Reader, parse_tflite
+from edgeq.tflite_file import Reader, parse_tflite
 from tests.tflite_models import int8_tflite
 
 
@@ -45,7 +45,7 @@ def rewire_input(data: bytes, op_index: int, slot: int, tensor: int) -> bytes:
     Used to make a model that is well-formed for the reader but breaks an
     interpreter (e.g. a CONV_2D fed a 2-D weight matrix).
     """
-    r = _Reader(data, "model")
+    r = Reader(data, "model")
     sg = r.tables(r.u32(0), 2)[0]
     op = r.tables(sg, 3)[op_index]
     start, n = r.vector(op, 1)

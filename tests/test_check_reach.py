@@ -90,7 +90,8 @@ def test_a_host_tool_failure_on_a_valid_model_is_a_warning_naming_the_tool(tiny_
     assert _codes(r.violations) == ["softmax-input-scale"]
     # Without the static diagnosis TFLite Micro really aborts in the child; LiteRT runs the model, so the
     # failure is the host tool's: a warning naming tflite-micro and its version, RAM judged on an estimate.
-    monkeypatch.setattr(check_mod, "tflm_stops", lambda model: [])
+    monkeypatch.setattr(check_mod.model, "tflm_stops", lambda model: [])
+    monkeypatch.setattr(check_mod.memory, "tflm_stops", lambda model: [])
     r = check_model(read_tflite(tiny_logits), t)
     assert r.fits and r.violations == ()
     (w,) = [w for w in r.warnings if w.code == "host-tool-failure"]

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeq.cli import main
+from edgeq.units import fmt_bytes
 from tests import check_models
 
 
@@ -22,9 +23,10 @@ def test_targets_lists_profiles():
     assert r.exit_code == 0
     for name in ("rpi4", "cortex-m4", "esp32-s3"):
         assert name in r.output
-    assert "cmsis-nn" in r.output and "256 KiB" in r.output
-    data = json.loads(_run("targets", "--json").output)
-    m4 = next(t for t in data if t["name"] == "cortex-m4")
+    assert "cmsis-nn" in r.output and fmt_bytes(256 * 1024) in r.output
+    doc = json.loads(_run("targets", "--json").output)
+    assert doc["schema"] == "edgeq.targets/1"
+    m4 = next(t for t in doc["targets"] if t["name"] == "cortex-m4")
     assert m4["kind"] == "mcu" and m4["ram_bytes"] == 256 * 1024 and m4["backend"] == "cmsis-nn"
 
 

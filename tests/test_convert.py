@@ -129,6 +129,10 @@ def test_digits_report(digits_converted, calib_npy):
     result, out, _ = digits_converted
     report = json.loads(default_report_path(out).read_text())
     assert report == json.loads(json.dumps(result.to_dict()))
+    assert report["schema"] == "edgeq.convert/1"
+    # Numbers stay numbers: bytes as int bytes, timings as float seconds.
+    assert isinstance(report["size"]["quantized_bytes"], int) and isinstance(report["size"]["float32_bytes"], int)
+    assert report["timings_s"] and all(type(v) is float for v in report["timings_s"].values())
     assert report["size"]["float32_bytes_source"] == "converted"
     assert 0 < report["size"]["ratio"] < 0.6
     assert report["ops"]["CONV_2D"] == 2 and "FULLY_CONNECTED" in report["ops"]

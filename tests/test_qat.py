@@ -62,7 +62,9 @@ def test_edgeq_qat_reports_ptq_and_qat_side_by_side_and_is_full_integer(tiny, tm
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "PTQ int8" in res.output and "QAT int8" in res.output
-    report = json.loads(out.with_name("qat.report.json").read_text())["qat"]
+    doc = json.loads(out.with_name("qat.report.json").read_text())
+    assert doc["schema"] == "edgeq.qat/1"
+    report = doc["qat"]
     ptq, qat = report["ptq"]["accuracy"], report["qat"]["accuracy"]
     assert report["float"] > 85 and ptq > 85
     assert qat >= ptq - QAT_NOISE_POINTS, (ptq, qat)

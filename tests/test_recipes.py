@@ -158,7 +158,7 @@ def test_default_int8_from_recorded_ranges_equals_tflite_converter(stages):
     """quantize() from the one calibration gives TFLiteConverter.convert()'s numbers, bit for bit."""
     import tensorflow as tf
 
-    from edgeq.convert import _run_all
+    from edgeq.convert.interpreter import run_all
 
     calib = stages["calib"]
     conv = tf.lite.TFLiteConverter.from_saved_model(stages["float"].saved_model_dir)
@@ -169,8 +169,8 @@ def test_default_int8_from_recorded_ranges_equals_tflite_converter(stages):
     reference = conv.convert()
     for name in ("int8",):
         ours = stages["models"][name][0].content
-        a = _run_all(ours, stages["eval"], None, "ours")
-        b = _run_all(reference, stages["eval"], None, "tf")
+        a = run_all(ours, stages["eval"], None, "ours")
+        b = run_all(reference, stages["eval"], None, "tf")
         assert all(np.array_equal(a[k], b[k]) for k in a)
     from edgeq.tflite_file import parse_tflite
 
@@ -197,7 +197,7 @@ def test_static_recipes_reuse_one_calibration(stages, monkeypatch):
     """Quantizing again from the Calibration runs no sample through any calibrator."""
     from tensorflow.lite.python.optimize import calibrator as tf_calibrator
 
-    import edgeq.quantize as equant
+    import edgeq.convert.quantizers as equant
     from edgeq.convert import quantize
 
     calls = []
@@ -218,7 +218,7 @@ def test_static_recipes_reuse_one_calibration(stages, monkeypatch):
 @pytest.mark.slow
 def test_simulated_levels_are_measured_never_written(stages):
     from edgeq.convert import quantize
-    from edgeq.quantize import simulate
+    from edgeq.convert import simulate
 
     before = sorted(p.name for p in stages["work"].iterdir())
     results = {name: simulate(stages["float"], SHIPPED.get(name), stages["eval"])

@@ -27,7 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from click.testing import CliRunner  # noqa: E402
 
-from edgeq.errors import ExitCode, OverBudget, UsageError  # noqa: E402
+from edgeq.cli._exit import ExitCode  # noqa: E402
+from edgeq.errors import OverBudget, UsageError  # noqa: E402
 
 FACTOR = 1000.0
 
@@ -154,6 +155,7 @@ def test_collapsing_model_is_repaired_by_equalization(models, tmp_path, target):
 
     assert check_model(read_tflite(out), load_target(target)).fits
     report = json.loads(out.with_name("model.report.json").read_text())
+    assert report["schema"] == "edgeq.repair/1" and isinstance(report["size"]["quantized_bytes"], int)
     section = report["repair"]
     assert section["chosen"] == "equalize" and section["met_budget"]
     assert section["baseline_drop"] > 50

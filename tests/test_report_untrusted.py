@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeq.cli import main
-from edgeq.errors import InputError
+from edgeq.errors import InputError, UsageError
 from edgeq.report import (
     MAX_REPORT_BYTES,
     compare,
@@ -169,7 +169,10 @@ def test_write_report_replaces_planted_symlinks_and_never_writes_through_them(tm
     for name in ("report.json", "report.md", "report.html"):
         os.symlink(victim, out / f"{name}.tmp")  # the old fixed temp names
     os.symlink(victim, out / "report.html")  # and the final name itself
-    paths = write_report(_doc(), out)
+    with pytest.raises(UsageError, match="already holds a report"):
+        write_report(_doc(), out)  # not replaced unless asked
+    assert victim.read_text() == "precious"
+    paths = write_report(_doc(), out, overwrite=True)
     assert victim.read_text() == "precious"
     for p in (paths.json, paths.markdown, paths.html):
         assert p.is_file() and not p.is_symlink()
@@ -203,18 +206,21 @@ def test_write_comparison_replaces_a_symlink(tmp_path, ledger):
     target = tmp_path / "out" / "cmp.html"
     target.parent.mkdir()
     os.symlink(victim, target)
-    written = write_comparison(compare([one, two]), target)
+    with pytest.raises(UsageError, match="already exists"):
+        write_comparison(compare([one, two]), target)  # not replaced unless asked
+    written = write_comparison(compare([one, two]), target, overwrite=True)
     assert written == target and not target.is_symlink() and "<svg" in target.read_text()
     assert victim.read_text() == "precious"
     ledger("bad_input", "symlink planted at the --html output path")
 
 
-def test_write_errors_are_input_errors(tmp_path):
+def test_write_errors_are_usage_errors(tmp_path):
+    """An output path that cannot be created is a one-line error naming it (edgeq.outdir), not a traceback."""
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(InputError, match="cannot create the report directory"):
+    with pytest.raises(UsageError, match="cannot create output directory .*file/sub"):
         write_report(_doc(), blocker / "sub")
-    with pytest.raises(InputError, match="cannot create the report directory"):
+    with pytest.raises(UsageError, match="cannot create directory .*file/x"):
         write_comparison(compare([write_report(_doc(), tmp_path / "ok").directory]), blocker / "x" / "c.html")
 
 
@@ -291,7 +297,7 @@ def test_report_json_over_the_size_limit(tmp_path, ledger):
 def test_valid_report_round_trips_through_the_cli(tmp_path):
     d = write_report(_doc(), tmp_path / "r").directory
     res = CliRunner().invoke(main, ["report", str(d)])
-    assert res.exit_code == 0 and "p50 1.300 ms" in res.output and "accuracy 97.00 %" in res.output
+    assert res.exit_code == 0 and "p50 1.30 ms" in res.output and "accuracy 97.0 %" in res.output
 
 
 ODD_VALUES = [None, True, [], {}, -1, 10**30, 10**400, float("nan"), float("inf"), -float("inf"), "x", [1, "a", None],

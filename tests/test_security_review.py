@@ -68,7 +68,7 @@ def test_h5_cell_wrapper_function_is_refused(tmp_path, wrapper, ledger):
 
 
 def test_config_walk_finds_code_anywhere_and_is_bounded():
-    from edgeq.convert import _code_in_config
+    from edgeq.convert.untrusted import code_in_config as _code_in_config
 
     assert _code_in_config({"layers": [{"class_name": "Dense", "config": {"units": 3}}]}) is None
     found = _code_in_config({"a": [{"b": {"whatever_fn": "x", "whatever_fn_type": "lambda"}}]})

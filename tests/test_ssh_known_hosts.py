@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeq import known_hosts as kh
+from edgeq.transport import known_hosts as kh
 from edgeq.errors import HostKeyError
 from edgeq.transport import SSHTransport
 from tests.deploy.sshd_helper import keygen, ssh_opts, ssh_server  # noqa: F401 - pytest fixtures

@@ -135,7 +135,7 @@ def test_kill_falls_back_to_the_shell_and_its_children_without_a_process_group(t
     # An sshd that does not start each session as a process group: the shell's pid names no group.
     import subprocess
 
-    from edgeq.transport import _kill_script
+    from edgeq.transport.wire import kill_script
 
     shell = subprocess.Popen(["sh", "-c", f"sleep 300 & echo $! > {tmp_path}/child; wait"])
     deadline = time.monotonic() + 10
@@ -143,6 +143,6 @@ def test_kill_falls_back_to_the_shell_and_its_children_without_a_process_group(t
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert os.getpgid(shell.pid) != shell.pid
-    subprocess.run(["sh", "-c", _kill_script(shell.pid)], timeout=10, check=True)
+    subprocess.run(["sh", "-c", kill_script(shell.pid)], timeout=10, check=True)
     shell.wait(5)
     assert gone_within([shell.pid, int((tmp_path / "child").read_text())], 5)

@@ -182,7 +182,9 @@ def test_none_qualifies_raises_after_writing_the_reports(tmp_path, digits_keras,
         sweep(digits_keras, calib_npy, digits_eval_npz, "cortex-m4",
               SweepOptions(output_dir=str(out), recipes=("fp32", "fp16"), data=DataOptions(samples=20),
                            eval_samples=50, check=CheckOptions(invoke=False)))
-    assert info.value.exit_code == 5 and "no executable recipe qualifies" in str(info.value)
+    from edgeq.cli._exit import exit_code_for
+
+    assert exit_code_for(info.value) == 5 and "no executable recipe qualifies" in str(info.value)
     doc = json.loads((out / "sweep.json").read_text())
     assert doc["recommended"] is None
     assert all(r["verdict"].startswith("does not fit") for r in doc["recipes"])
@@ -192,3 +194,20 @@ def test_profile_power_figures_feed_the_energy(m4_sweep):
     p = load_target("cortex-m4").power
     r = m4_sweep.get("int8")
     assert r.energy.power_w == pytest.approx(p.voltage_v * p.run_ma / 1000)
+
+
+def test_a_directory_holding_a_report_is_refused_unless_overwrite(tmp_path, ledger):
+    """Before any work: a sweep never silently replaces the reports of an earlier one."""
+    from edgeq.errors import ModelError, UsageError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.json").write_text("{}")
+    options = SweepOptions(output_dir=str(out), recipes=("int8",))
+    with pytest.raises(UsageError, match="already holds a report"):
+        sweep(tmp_path / "missing.keras", tmp_path / "c.npy", tmp_path / "e.npz", "rpi4", options)
+    assert (out / "sweep.json").read_text() == "{}"
+    # With overwrite the directory is accepted; the next problem is the missing model.
+    with pytest.raises(ModelError, match="no such file"):
+        sweep(tmp_path / "missing.keras", tmp_path / "c.npy", tmp_path / "e.npz", "rpi4", options, overwrite=True)
+    ledger("bad_input", "sweep into a directory that holds a report")

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from edgeq.sweep import RecipeOutcome, choose
-from edgeq.sweep_report import render_html
+from edgeq.report.sweep import render_html
 
 
 def _o(name: str, lat: float, size: int, drop: float = 0.0, fits: bool = True, accelerated: bool = True,
@@ -43,7 +43,7 @@ def test_every_loser_says_why():
     assert v["fast-but-lossy"].startswith("over budget: loses 3.00 points (max 1)")
     assert v["too-big"].startswith("does not fit the target (flash)")
     assert v["int16"].startswith("not accelerated")
-    assert v["slow"].startswith("slower: 4 ms vs 2 ms")
+    assert v["slow"].startswith("slower: 4.00 ms vs 2.00 ms")  # edgeq.units.fmt_ms
     assert v["sim"].startswith("simulated")
     assert "best" in reason and "within 1 points" in reason
 

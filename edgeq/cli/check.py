@@ -8,66 +8,80 @@ import click
 
 from edgeq.cli import main
 from edgeq.cli._common import echo, echo_json
-from edgeq.errors import ExitCode
+from edgeq.cli._exit import ExitCode
+from edgeq.cli._options import (force_option, input_shape_option, json_option, output_dir_option,
+                                target_option)
+from edgeq.units import fmt_bytes
+
+TARGETS_SCHEMA = "edgeq.targets/1"
+TABLE_WIDTH = 100  # terminal tables fit this many columns
 
 
-def _size(n: Optional[int]) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"
+def targets_table(profiles: list, width: int = TABLE_WIDTH) -> list[str]:
+    """``edgeq targets`` as lines of at most ``width`` columns (a long description wraps in its column)."""
+    import textwrap
+
+    rows = [("NAME", "KIND", "RAM", "PSRAM", "FLASH", "RUNTIME", "BACKEND", "DESCRIPTION")]
+    for p in profiles:
+        rows.append((p.name, p.kind, fmt_bytes(p.ram_bytes), fmt_bytes(p.psram_bytes) if p.psram_bytes else "-",
+                     fmt_bytes(p.flash_bytes), p.runtime, p.backend, p.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for r in rows:
+        head = "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  "
+        room = max(20, width - len(head))
+        wrapped = textwrap.wrap(r[-1], room) or [""]
+        lines.append((head + wrapped[0]).rstrip())
+        lines.extend(" " * len(head) + more for more in wrapped[1:])
+    return lines
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+@json_option
 def targets(as_json: bool) -> None:
     """List the shipped target profiles (name, kind, RAM, flash, backend)."""
     from edgeq.targets import list_targets
 
     profiles = list_targets()
     if as_json:
-        echo_json([p.to_dict() for p in profiles])
+        echo_json({"schema": TARGETS_SCHEMA, "targets": [p.to_dict() for p in profiles]})
         return
-    rows = [("NAME", "KIND", "RAM", "FLASH", "RUNTIME", "BACKEND", "DESCRIPTION")]
-    for p in profiles:
-        ram = _size(p.ram_bytes) + (f" (+{_size(p.psram_bytes)} PSRAM)" if p.psram_bytes else "")
-        rows.append((p.name, p.kind, ram, _size(p.flash_bytes), p.runtime, p.backend, p.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    for line in targets_table(profiles):
+        echo(line)
 
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("--target", "-t", "target_name", required=True, metavar="NAME|FILE",
-              help="Target profile (see `edgeq targets`) or a profile TOML file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@target_option()
+@json_option
 @click.option("--no-measure", is_flag=True, help="Skip loading the model in the target's runtime (no RAM figure).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=120, show_default=True,
               help="Seconds the runtime child may take to load and run the model.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1xHxWxC",
-              help="Shape for an input with unknown dims (e.g. image:1x96x96x3; the name may be left out for a "
-                   "single input): MACs and memory are computed there [default: the placeholder in the file]. "
-                   "Repeatable.")
-def check(model: str, target_name: str, as_json: bool, no_measure: bool, timeout: float,
-          input_shapes: tuple[str, ...]) -> None:
+@input_shape_option
+@click.option("--max-ram-pct", type=click.FloatRange(0, 100, min_open=True), metavar="PCT",
+              help="Fail (exit 3) when the model needs more than PCT % of the target's RAM budget.")
+@click.option("--max-flash-pct", type=click.FloatRange(0, 100, min_open=True), metavar="PCT",
+              help="Fail (exit 3) when the model needs more than PCT % of the target's flash budget.")
+@click.option("--max-latency-ms", type=click.FloatRange(0, min_open=True), metavar="MS",
+              help="Fail (exit 3) when the latency estimate is over MS milliseconds.")
+def check(model: str, target: str, as_json: bool, no_measure: bool, timeout: float,
+          input_shapes: tuple, max_ram_pct: Optional[float], max_flash_pct: Optional[float],
+          max_latency_ms: Optional[float]) -> None:
     """Check whether MODEL (.tflite) fits and runs on a target.
 
     Reports every problem at once: unsupported ops and op x type pairs, slow
     fallback kernels, float tensors on integer-only targets, flash and RAM
-    over budget; plus MACs and a latency estimate. Exit 0 fits, 3 does not fit.
+    over budget; plus MACs and a latency estimate. With --max-* the model
+    must also stay within those limits (a CI gate). Exit 0 fits, 3 does not fit.
     """
-    from edgeq.calibration import parse_input_shape
-    from edgeq.check import CheckOptions, check_model
+    from edgeq.check import CheckOptions, Thresholds, apply_thresholds, check_model
     from edgeq.targets import load_target
     from edgeq.tflite_file import read_tflite
 
-    shapes = tuple(parse_input_shape(t) for t in input_shapes)
-    profile = load_target(target_name)
+    profile = load_target(target)
     result = check_model(read_tflite(model), profile,
-                         CheckOptions(measure=not no_measure, timeout_s=timeout, input_shapes=shapes))
+                         CheckOptions(measure=not no_measure, timeout_s=timeout, input_shapes=tuple(input_shapes)))
+    result = apply_thresholds(result, Thresholds(max_ram_pct, max_flash_pct, max_latency_ms))
     if as_json:
         echo_json(result.to_dict())
     else:
@@ -79,29 +93,27 @@ def check(model: str, target_name: str, as_json: bool, no_measure: bool, timeout
 
 @main.command(name="export")
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("--target", "-t", "target_name", required=True, metavar="NAME|FILE",
-              help="A microcontroller target profile (e.g. cortex-m4).")
+@target_option()
 @click.option("--format", "fmt", type=click.Choice(["c"]), default="c", show_default=True,
               help="c: model_data.h/.cc and op_resolver.h for TFLite Micro.")
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=str),
-              help="Directory to write the files into (created if missing).")
+@output_dir_option("model_data.h, model_data.cc and op_resolver.h", required=True)
 @click.option("--margin", type=click.FloatRange(min=0, max=10), default=0.20, show_default=True,
               help="Arena margin added to the measured arena for kTensorArenaSize.")
-@click.option("--force", is_flag=True, help="Overwrite existing files in the output directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
-def export_cmd(model: str, target_name: str, fmt: str, out_dir: str, margin: float, force: bool,
+@force_option
+@json_option
+def export_cmd(model: str, target: str, fmt: str, output: str, margin: float, force: bool,
                as_json: bool) -> None:
-    """Export MODEL (.tflite) as C sources for a TFLite Micro project."""
+    """Export MODEL (.tflite) as C sources for a TFLite Micro project (a microcontroller target)."""
     from edgeq.export import ExportOptions, export_c
     from edgeq.targets import load_target
 
-    profile = load_target(target_name)
-    result = export_c(model, profile, out_dir, ExportOptions(format=fmt, arena_margin=margin, force=force))
+    profile = load_target(target)
+    result = export_c(model, profile, output, ExportOptions(format=fmt, arena_margin=margin, force=force))
     if as_json:
         echo_json(result.to_dict())
         return
     for f in result.files:
         echo(f"wrote {f}")
     echo(f"ops: {', '.join(result.ops)} (MicroMutableOpResolver<{len(result.ops)}>)")
-    echo(f"kTensorArenaSize = {result.tensor_arena_size} (measured {result.arena_bytes} bytes "
-               f"+ {round(result.arena_margin * 100)}%)")
+    echo(f"kTensorArenaSize = {result.tensor_arena_size} (measured {fmt_bytes(result.arena_bytes)} "
+         f"+ {round(result.arena_margin * 100)} %)")

@@ -7,14 +7,17 @@ with ``--max-drop`` the repair loop (``edgeq.repair.convert_with_budget``).
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import click
 
-from edgeq.calibration import DEFAULT_SAMPLES, DataOptions, parse_floats, parse_input_shape
 from edgeq.cli import main
 from edgeq.cli._common import clear_progress, echo, echo_result, progress_printer
+from edgeq.cli._options import (DataArgs, calib_option, eval_option, input_shape_option, json_option,
+                                output_file_option, sampling_options, target_option, train_option)
+from edgeq.units import fmt_bytes, fmt_pct, fmt_ratio
 
 if TYPE_CHECKING:  # names only: edgeq.convert (and with it TensorFlow) is imported when the command runs
     from edgeq.convert import ConvertOptions, ConvertResult
@@ -23,6 +26,7 @@ if TYPE_CHECKING:  # names only: edgeq.convert (and with it TensorFlow) is impor
 # Names only: edgeq.convert (and with it TensorFlow) is imported when the command runs.
 _SCHEMES = ("int8", "int16x8")
 _IO_TYPES = ("int8", "uint8", "int16", "float32")
+TABLE_WIDTH = 100
 
 
 def default_output(model: str, scheme: str) -> Path:
@@ -33,29 +37,20 @@ def default_output(model: str, scheme: str) -> Path:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("--calib", "calib", required=True, metavar="DATA",
-              help="Calibration data: .npy, .npz, a directory of images, or module:function.")
-@click.option("--target", metavar="NAME|FILE", help="Target profile (e.g. rpi4, cortex-m4) or a profile TOML file.")
-@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
-              help="Calibration samples drawn (seeded) from DATA.")
+@calib_option(required=True)
+@target_option(required=False)
+@sampling_options
 @click.option("--scheme", type=click.Choice(_SCHEMES), default="int8", show_default=True,
               help="int8, or int16x8 (16-bit activations, 8-bit weights).")
 @click.option("--input-type", type=click.Choice(_IO_TYPES),
               help="Model input type [default: int8; int16 with --scheme int16x8].")
 @click.option("--output-type", type=click.Choice(_IO_TYPES),
               help="Model output type [default: int8; int16 with --scheme int16x8].")
-@click.option("--eval", "eval_data", metavar="DATA",
-              help="Held-out data (class ids in 'y'; labels for one output of several in 'y_<output name>') to "
-                   "measure float vs quantized fidelity per output and the worst layers.")
-@click.option("--mean", metavar="M[,M...]", help="Normalise samples as (x - mean) / std (one value or one per channel).")
-@click.option("--std", metavar="S[,S...]", help="See --mean.")
-@click.option("--scale", type=float, help="Normalise samples as x * scale (e.g. 0.00392 for 1/255).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing samples.")
-@click.option("-o", "--output", type=click.Path(path_type=str),
-              help="Output .tflite [default: MODEL-STEM_SCHEME.tflite in the working directory].")
-@click.option("--report", "report_path", type=click.Path(path_type=str),
+@eval_option()
+@output_file_option("the quantized .tflite", default="MODEL-STEM_SCHEME.tflite in the working directory")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
               help="Report JSON [default: OUTPUT with .report.json].")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@json_option
 @click.option("--recipe", metavar="NAME",
               help="Quantization recipe (e.g. int8, int8-per-tensor, int16x8, fp16, dynamic-int8, int4-dynamic); "
                    "see targets/_recipes.toml [default: int8, or --scheme].")
@@ -68,21 +63,17 @@ def default_output(model: str, scheme: str) -> Path:
 @click.option("--max-drop", type=click.FloatRange(min=0), metavar="PTS",
               help="Accuracy budget: repair the model until it loses at most PTS points against float "
                    "(needs --eval; exit 6 if no repair meets it).")
-@click.option("--train", "train_data", metavar="DATA",
-              help="Training data (inputs and labels) for quantization-aware training during --max-drop repair.")
+@train_option()
 @click.option("--keep-best", is_flag=True, help="With --max-drop: write the best model even when over budget.")
 @click.option("--warn-drop", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="PTS",
               help="With --eval: warn when the quantized model loses more than PTS points of accuracy "
                    "(or top-1 agreement) against float.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1xHxWxC",
-              help="Concrete shape for an input with unknown dims (e.g. image:1x96x96x3; the name may be left "
-                   "out for a single input) [default: the shape of the calibration samples]. Repeatable.")
-def convert(model: str, calib: str, target: Optional[str], samples: int, scheme: str,
+@input_shape_option
+def convert(model: str, calib: str, target: Optional[str], data: DataArgs, scheme: str,
             input_type: Optional[str], output_type: Optional[str], eval_data: Optional[str],
-            mean: Optional[str], std: Optional[str], scale: Optional[float], seed: int,
             output: Optional[str], report_path: Optional[str], as_json: bool, recipe: Optional[str],
             recipes_file: Optional[str], unsafe_load: bool, max_drop: Optional[float],
-            train_data: Optional[str], keep_best: bool, warn_drop: float, input_shapes: tuple[str, ...],
+            train_data: Optional[str], keep_best: bool, warn_drop: float, input_shapes: tuple,
             layout: Optional[str] = None) -> None:
     """Convert MODEL (.keras, .h5, SavedModel dir; PyTorch: .pt2 or module:function) to a quantized .tflite.
 
@@ -95,6 +86,7 @@ def convert(model: str, calib: str, target: Optional[str], samples: int, scheme:
     """
     from edgeq.convert import ConvertOptions, LoadOptions
     from edgeq.errors import UsageError
+    from edgeq.outdir import prepare_file
 
     if recipe is not None and scheme != "int8":
         raise UsageError("give either --recipe or --scheme, not both")
@@ -106,8 +98,7 @@ def convert(model: str, calib: str, target: Optional[str], samples: int, scheme:
         scheme=scheme,
         input_type=input_type,
         output_type=output_type,
-        data=DataOptions(samples=samples, seed=seed, mean=parse_floats(mean, "--mean"),
-                         std=parse_floats(std, "--std"), scale=scale),
+        data=data.options(),
         eval_data=eval_data,
         target=target,
         report_path=report_path,
@@ -115,9 +106,11 @@ def convert(model: str, calib: str, target: Optional[str], samples: int, scheme:
         recipes_file=recipes_file,
         load=LoadOptions(unsafe_load=unsafe_load, layout=layout, layout_data=calib),
         warn_drop=warn_drop,
-        input_shapes=tuple(parse_input_shape(t) for t in input_shapes),
+        input_shapes=tuple(input_shapes),
     )
-    out = output or str(default_output(model, recipe or scheme))
+    out = str(prepare_file(output or default_output(model, recipe or scheme)))
+    if report_path:
+        prepare_file(report_path)
     show = not as_json
     progress = progress_printer(show)
     if max_drop is not None:
@@ -172,12 +165,8 @@ def _convert_with_budget(model: str, calib: str, out: str, options: ConvertOptio
     echo_result(as_json, result.to_dict(), result.summary_lines())
 
 
-def _kb(n: int) -> str:
-    return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MB"
-
-
 def _pct(x: Optional[float]) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+    return "-" if x is None else fmt_pct(100 * x)
 
 
 def summary_lines(result: ConvertResult, warnings: bool = True) -> list[str]:
@@ -196,9 +185,11 @@ def summary_lines(result: ConvertResult, warnings: bool = True) -> list[str]:
         f"wrote {r.output}  ({what}{calib_note})",
         f"report {r.report_path}",
         "",
-        f"  size      float32 {_kb(r.float_bytes)}{est} -> {recipe.name if recipe else r.scheme} "
-        f"{_kb(r.quant_bytes)}  (x{r.size_ratio:.2f})",
-        "  ops       " + ", ".join(f"{op} x{n}" for op, n in r.ops.items()),
+        f"  size      float32 {fmt_bytes(r.float_bytes)}{est} -> {recipe.name if recipe else r.scheme} "
+        f"{fmt_bytes(r.quant_bytes)}  ({fmt_ratio(r.float_bytes / r.quant_bytes) if r.quant_bytes else '-'} "
+        "smaller)",
+        *textwrap.wrap(", ".join(f"{op} x{n}" for op, n in r.ops.items()), TABLE_WIDTH,
+                       initial_indent="  ops       ", subsequent_indent=" " * 12),
     ]
     for kind, items in (("input", r.inputs), ("output", r.outputs)):
         for io in items:
@@ -228,7 +219,7 @@ def summary_lines(result: ConvertResult, warnings: bool = True) -> list[str]:
         lines.append("")
         lines.append("  worst layers (RMS error / quantization step; about 0.3 is rounding alone):")
         for w in r.worst_layers:
-            lines.append(f"    {w.rmse_over_scale:>7.3f}  {w.layer or '-':<20} {w.op or '-':<16} {w.tensor[:60]}")
+            lines.append(f"    {w.rmse_over_scale:>7.3f}  {w.layer or '-':<20} {w.op or '-':<16} {w.tensor[:48]}")
     if r.check_summary:
         lines.append("")
         lines.extend(f"  {s}" for s in r.check_summary)

@@ -2,67 +2,70 @@
 
 from __future__ import annotations
 
-import os
+import textwrap
 from typing import Any, Optional
 
 import click
 
-from edgeq.calibration import DEFAULT_SAMPLES, DataOptions, parse_floats
 from edgeq.cli import main
 from edgeq.cli._common import clear_progress, echo_result, progress_printer
-from edgeq.cli.deploy import timeout_options, timeouts
+from edgeq.cli._options import (DataArgs, SshArgs, calib_option, eval_option, force_option, inventory_option,
+                                json_option, output_dir_option, sampling_options, ssh_options, target_option,
+                                timeout_options, timeouts)
+from edgeq.escape import one_line
+from edgeq.units import fmt_bytes, fmt_ms, fmt_pct
 
 # Names only: edgeq.sweep imports the conversion stages (and TensorFlow) when the command runs.
 _OBJECTIVES = ("latency", "size", "energy")
-_PASSPHRASE_ENV = "EDGEQ_SSH_PASSPHRASE"
 
 
-def _kb(n: Any) -> str:
-    if not isinstance(n, (int, float)) or isinstance(n, bool):
-        return "-"
-    return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MB"
+TABLE_WIDTH = 100
+_LATENCY_MARK = {"estimate": "~", "emulated": "e ", "device": ""}
+
+
+def table_lines(result: Any, width: int = TABLE_WIDTH) -> list[str]:
+    """The sweep as a text table of at most ``width`` columns, sorted by the objective (the recommendation first).
+
+    Latency is the device's measurement, or marked: ``~`` the profile's estimate, ``e`` measured on an emulator.
+    A verdict too long for its column is cut there and follows the table in full.
+    """
+    from edgeq.report import fit_table
+
+    metric = "accuracy" if result.budget_metric == "accuracy" else "agreement"
+    header = ("recipe", "size", metric[:8], "drop", "fits", "fast", "latency", "p99", "energy", "verdict")
+    rows = []
+    for r in result.sorted_recipes():
+        dev = r.device or {}
+        latency = "-"
+        if r.executable and r.latency_ms is not None:
+            latency = _LATENCY_MARK.get(r.latency_label, "") + fmt_ms(r.latency_ms)
+        rows.append((
+            r.name,
+            fmt_bytes(r.size_bytes) + ("*" if not r.executable else ""),
+            _pct(r.host.get(metric)),
+            fmt_num(r.drop_points, ".2f"),
+            "-" if r.check is None else ("yes" if r.fits else "no"),
+            "-" if r.check is None else ("yes" if (r.check or {}).get("accelerated") else "no"),
+            latency,
+            fmt_ms((dev.get("latency_ms") or {}).get("p99")),
+            "-" if r.energy_mj is None else f"{fmt_num(r.energy_mj)} mJ",
+            "RECOMMENDED" if r.verdict == "recommended" else (r.verdict or r.error or ""),
+        ))
+    lines = fit_table(rows, header, width)
+    room = len(lines[1].rsplit("  ", 1)[-1])  # the rule under the verdict column
+    cut = [(row[0], row[-1]) for row in rows if len(row[-1]) > room]
+    for name, verdict in cut:
+        lines.extend(textwrap.wrap(one_line(verdict, 600), width, initial_indent=f"  {one_line(name, 40)}: ",
+                                   subsequent_indent="    "))
+    return lines
 
 
 def _pct(x: Any) -> str:
-    return "-" if not isinstance(x, (int, float)) or isinstance(x, bool) else f"{100 * x:.1f}%"
+    return "-" if not isinstance(x, (int, float)) or isinstance(x, bool) else fmt_pct(100 * x)
 
 
-def _num(x: Any, fmt: str = ".3g") -> str:
+def fmt_num(x: Any, fmt: str = ".3g") -> str:
     return "-" if not isinstance(x, (int, float)) or isinstance(x, bool) else format(x, fmt)
-
-
-def table_lines(result: Any) -> list[str]:
-    """The sweep as a text table, sorted by the objective (the recommendation first)."""
-    metric = "accuracy" if result.budget_metric == "accuracy" else "agreement"
-    header = ("recipe", "bits", "activations", "size", metric[:8], "drop", "fits", "fast", "latency ms", "source",
-              "p99 ms", "energy mJ", "verdict")
-    rows = [header]
-    for r in result.sorted_recipes():
-        dev = r.device or {}
-        chk = r.check or {}
-        rows.append((
-            r.name, str(r.weights_bits), r.activations,
-            _kb(r.size_bytes) + ("*" if not r.executable else ""),
-            _pct(r.host.get(metric)),
-            _num(r.drop_points, ".2f"),
-            "-" if r.check is None else ("yes" if r.fits else "no"),
-            "-" if r.check is None else ("yes" if chk.get("accelerated") else "no"),
-            _num(r.latency_ms) if r.executable else "-",
-            r.latency_label if r.executable and r.latency_ms is not None else "-",
-            _num((dev.get("latency_ms") or {}).get("p99")),
-            _num(r.energy_mj),
-            "RECOMMENDED" if r.verdict == "recommended" else (r.verdict or r.error or ""),
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    lines = []
-    for i, row in enumerate(rows):
-        cells = [c.rjust(widths[j]) if 1 <= j <= 11 and j != 2 and j != 9 else c.ljust(widths[j])
-                 for j, c in enumerate(row[:-1])]
-        verdict = row[-1] if len(row[-1]) <= 110 else row[-1][:109] + "…"
-        lines.append("  ".join(cells + [verdict]).rstrip())
-        if i == 0:
-            lines.append("-" * min(160, len(lines[0])))
-    return lines
 
 
 def summary_lines(result: Any) -> list[str]:
@@ -83,8 +86,8 @@ def summary_lines(result: Any) -> list[str]:
     lines.append("")
     lines.extend(table_lines(result))
     lines.append("")
-    lines.append("* simulated level: compressed weight size, never written. Energy is an estimate from the "
-                 "profile's published power figures.")
+    lines.append("* simulated level: compressed weight size, never written. ~ latency estimated from the profile; "
+                 "e measured on an emulator. Energy is an estimate from the profile's published power figures.")
     if result.recommended:
         lines.append(f"recommended: {result.reason}")
         rec = result.get(result.recommended)
@@ -101,14 +104,11 @@ def summary_lines(result: Any) -> list[str]:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("--calib", required=True, metavar="DATA",
-              help="Calibration data: .npy, .npz, a directory of images, or module:function.")
-@click.option("--eval", "eval_data", required=True, metavar="DATA",
-              help="Held-out data (labels in 'y') for accuracy; without labels, top-1 agreement with float.")
-@click.option("--target", required=True, metavar="NAME|FILE", help="Target profile (e.g. rpi4, cortex-m4) or a TOML file.")
+@calib_option(required=True)
+@eval_option(required=True)
+@target_option(required=True)
 @click.option("--host", metavar="[USER@]HOST[:PORT]", help="Measure every recipe that fits on this device over SSH.")
-@click.option("-i", "--inventory", type=click.Path(dir_okay=False, path_type=str),
-              help="Ansible inventory: measure on its first host.")
+@inventory_option
 @click.option("--local", is_flag=True, help="Measure on this machine as the device.")
 @click.option("--recipes", metavar="A,B,...", help="Recipe names to sweep [default: every recipe in the table].")
 @click.option("--recipe-file", type=click.Path(path_type=str), metavar="FILE",
@@ -117,41 +117,29 @@ def summary_lines(result: Any) -> list[str]:
               help="Accuracy points a recipe may lose against float (agreement points without labels).")
 @click.option("--objective", type=click.Choice(_OBJECTIVES), default="latency", show_default=True,
               help="What the recommendation minimises among qualifying recipes.")
-@click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=str), metavar="DIR",
-              help="Directory for sweep.json, sweep.html and <recipe>.tflite files.")
-@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
-              help="Calibration samples drawn (seeded) from --calib.")
+@output_dir_option("sweep.json, sweep.html and one <recipe>.tflite per executable recipe", required=True)
+@force_option
+@sampling_options
 @click.option("--eval-samples", type=click.IntRange(min=1), help="Evaluation samples [default: all].")
-@click.option("--mean", metavar="M[,M...]", help="Normalise samples as (x - mean) / std.")
-@click.option("--std", metavar="S[,S...]", help="See --mean.")
-@click.option("--scale", type=float, help="Normalise samples as x * scale.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing samples.")
-@click.option("--python", metavar="PATH", help="The device's Python interpreter.")
-@click.option("--remote-dir", default="~/.edgeq", show_default=True, help="Working directory on the device.")
+@ssh_options
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs per recipe.")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Time each recipe for at least this long.")
-@click.option("--identity", metavar="FILE", help="SSH private key.")
-@click.option("--known-hosts", metavar="FILE", help="known_hosts file [default: ~/.ssh/known_hosts].")
-@click.option("--accept-new-host-key", is_flag=True, help="Trust an unknown host key (never a changed one).")
-@click.option("--connect-timeout", type=float, default=10.0, show_default=True, help="SSH connect timeout, seconds.")
 @timeout_options
 @click.option("--unsafe-load", is_flag=True, help="Let the model run the Python code it carries (Lambda layers).")
-@click.option("--json", "as_json", is_flag=True, help="Print sweep.json on stdout.")
+@json_option
 def sweep(model: str, calib: str, eval_data: str, target: str, host: Optional[str], inventory: Optional[str],
           local: bool, recipes: Optional[str], recipe_file: Optional[str], max_drop: float, objective: str,
-          output_dir: str, samples: int, eval_samples: Optional[int], mean: Optional[str], std: Optional[str],
-          scale: Optional[float], seed: int, python: Optional[str], remote_dir: str, runs: int, min_seconds: float,
-          identity: Optional[str], known_hosts: Optional[str], accept_new_host_key: bool, connect_timeout: float,
-          probe_timeout: Optional[float], upload_timeout: Optional[float], run_timeout: Optional[float],
-          unsafe_load: bool, as_json: bool) -> None:
+          output: str, force: bool, data: DataArgs, eval_samples: Optional[int], ssh: SshArgs, runs: int,
+          min_seconds: float, probe_timeout: Optional[float], upload_timeout: Optional[float],
+          run_timeout: Optional[float], unsafe_load: bool, as_json: bool) -> None:
     """Try every quantization level of MODEL on a target and recommend one.
 
     \b
     Each recipe (fp32, fp16, dynamic int8, int8, int16x8, int4, ...) is made
     from one float export and one calibration, validated against float on
     --eval, checked against --target (fits, fast kernels) and, with --host,
-    --inventory or --local, measured on the device. Writes DIR/sweep.json,
+    --inventory (its first host) or --local, measured on the device. Writes DIR/sweep.json,
     DIR/sweep.html and DIR/<recipe>.tflite. Exit codes: 0 a recipe is
     recommended; 5 no recipe qualifies; 4 the device failed (unreachable,
     lost link, or every recipe failed there): sweep.json and sweep.html are
@@ -168,22 +156,21 @@ def sweep(model: str, calib: str, eval_data: str, target: str, host: Optional[st
                          "add --host, --inventory or --local")
     if host or inventory or local:
         from edgeq.deploy import DeployOptions, check_options
-        from edgeq.transport import SSHOptions
 
-        ssh = SSHOptions(identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
-                         connect_timeout=connect_timeout, passphrase=os.environ.get(_PASSPHRASE_ENV) or None)
-        device = DeployOptions(host=host, python=python, remote_dir=remote_dir, runs=runs, min_seconds=min_seconds,
-                               ssh=ssh, activate=False, **timeouts(probe_timeout, upload_timeout, run_timeout))
+        device = DeployOptions(host=ssh.host(host), python=ssh.python, remote_dir=ssh.remote_dir, runs=runs,
+                               min_seconds=min_seconds, ssh=ssh.options(), activate=False,
+                               **timeouts(probe_timeout, upload_timeout, run_timeout))
         check_options(device)
+    elif ssh.port is not None:
+        ssh.host(None)  # -p without --host: the one usage error
     names = tuple(n.strip() for n in recipes.split(",") if n.strip()) if recipes is not None else None
     options = SweepOptions(
-        output_dir=output_dir, recipes=names, recipe_file=recipe_file, max_drop=max_drop, objective=objective,
-        data=DataOptions(samples=samples, seed=seed, mean=parse_floats(mean, "--mean"),
-                         std=parse_floats(std, "--std"), scale=scale),
-        eval_samples=eval_samples, device=device, inventory=inventory, unsafe_load=unsafe_load)
+        output_dir=output, recipes=names, recipe_file=recipe_file,
+        max_drop=max_drop, objective=objective, data=data.options(), eval_samples=eval_samples, device=device,
+        inventory=inventory, unsafe_load=unsafe_load)
     show = not as_json
     try:
-        result = run_sweep(model, calib, eval_data, target, options, progress_printer(show))
+        result = run_sweep(model, calib, eval_data, target, options, progress_printer(show), overwrite=force)
     except (NoQualifyingRecipe, DeviceLost) as exc:
         # The table says why each recipe lost; the error line (exit code 5, or 4 for the device) follows it.
         clear_progress(show)

@@ -1,4 +1,4 @@
-"""edgeq.ansible_report on results files from elsewhere: bounded, validated, one-line errors."""
+"""edgeq.report.ansible on results files from elsewhere: bounded, validated, one-line errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from edgeq.ansible_report import AnsibleResultsError, load_ansible_results, write_ansible_summary
+from edgeq.report.ansible import AnsibleResultsError, load_ansible_results, write_ansible_summary
 
 
 def _doc(results: dict, hosts: list[str]) -> dict:

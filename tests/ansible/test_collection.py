@@ -11,7 +11,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from edgeq.ansible_report import write_ansible_summary
+from edgeq.report.ansible import write_ansible_summary
 from edgeq.cli import main
 from edgeq.deploy import DeployResult, LatencyStats
 from edgeq.rollout import RolloutOptions, rollout
@@ -29,12 +29,14 @@ def collections(tmp_path_factory):
     return build_and_install(tmp_path_factory.mktemp("collection"))
 
 
-def test_modules_run_the_same_runner_as_edgeq_deploy():
-    """One implementation: the runner embedded in module_utils is deploy/runner.py byte for byte."""
-    embedded = SOURCE / "plugins" / "module_utils" / "edgeq_runner.py"
-    assert hashlib.sha256(embedded.read_bytes()).hexdigest() == \
-        hashlib.sha256((ROOT / "deploy" / "runner.py").read_bytes()).hexdigest(), \
-        "deploy/runner.py changed: run scripts/ansible-build.sh (it embeds the runner) and commit the copy"
+@pytest.mark.parametrize("embedded,original", [("edgeq_runner.py", "runner.py"), ("edgeq_protocol.py", "protocol.py")])
+def test_modules_run_the_same_runner_and_protocol_as_edgeq_deploy(embedded, original):
+    """One implementation: the runner and the protocol embedded in module_utils are deploy/runner.py and
+    deploy/protocol.py byte for byte."""
+    copy = SOURCE / "plugins" / "module_utils" / embedded
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == \
+        hashlib.sha256((ROOT / "deploy" / original).read_bytes()).hexdigest(), \
+        f"deploy/{original} changed: run scripts/ansible-build.sh (it embeds it) and commit the copy"
 
 
 def _dummy_result() -> DeployResult:

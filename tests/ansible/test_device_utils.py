@@ -21,14 +21,17 @@ PKG = "ansible_collections.edgeq.fleet.plugins.module_utils"
 
 @pytest.fixture
 def edev(monkeypatch):
-    """edgeq_device imported as the collection imports it, over deploy/runner.py (what the build embeds)."""
+    """edgeq_device imported as the collection imports it, over deploy/runner.py and deploy/protocol.py (what the
+    build embeds)."""
     parts = PKG.split(".")
     for i in range(1, len(parts) + 1):
         pkg = types.ModuleType(".".join(parts[:i]))
         pkg.__path__ = []
         monkeypatch.setitem(sys.modules, pkg.__name__, pkg)
     mods = {}
-    for name, path in (("edgeq_runner", ROOT / "deploy" / "runner.py"), ("edgeq_device", UTILS / "edgeq_device.py")):
+    monkeypatch.delitem(sys.modules, "edgeq_protocol", raising=False)  # edgeq_device installs its own
+    for name, path in (("edgeq_protocol", ROOT / "deploy" / "protocol.py"),
+                       ("edgeq_runner", ROOT / "deploy" / "runner.py"), ("edgeq_device", UTILS / "edgeq_device.py")):
         spec = importlib.util.spec_from_file_location(f"{PKG}.{name}", path)
         mod = importlib.util.module_from_spec(spec)
         monkeypatch.setitem(sys.modules, spec.name, mod)
@@ -46,7 +49,8 @@ def _device(edev, remote: Path, n: int):
 
 
 def test_huge_integers_are_not_numbers(edev, ledger):
-    assert edev.finite(10 ** 400) is None and edev.finite(True) is None and edev.finite(3) == 3.0
+    finite = edev.protocol.finite_number
+    assert finite(10 ** 400) is None and finite(True) is None and finite(3) == 3.0
     with pytest.raises(ValueError, match="digits"):
         edev.loads('{"ok": true, "peak_rss_bytes": ' + "9" * 300 + "}")
     assert edev.loads('{"n": 18446744073709551615}') == {"n": 2 ** 64 - 1}
@@ -76,3 +80,36 @@ def test_removing_the_rollback_target_leaves_none(edev, tmp_path):
     dev.forget_previous(a)
     assert dev.activation() == {"current": b, "previous": None}
     assert not (remote / "previous").exists()
+
+
+def test_the_collection_judges_and_reports_as_edgeq_does(edev, tmp_path):
+    """One protocol: the collection's gate verdict, latency figures and report document are the host's for the
+    same runner documents (the collection once had its own copies of each)."""
+    from edgeq._device import protocol
+    from edgeq.deploy import DeployResult, LatencyStats
+    from edgeq.rollout import GateResult
+
+    samples = [1.0 + (i % 17) * 0.25 for i in range(700)]
+    run_doc = {"ok": True, "samples_ms": samples, "eval": {"accuracy": 0.875, "samples": 8, "seconds": 0.1},
+               "runtime": {"name": "tflite_runtime"}, "load_ms": 2.0, "first_inference_ms": 3.0,
+               "peak_rss_bytes": 1 << 20}
+    for thresholds in ((0.9, None), (None, 4.0), (0.5, 10.0), (None, None)):
+        theirs = edev.gate(run_doc, *thresholds, "/d/current/model.tflite", "a" * 64)
+        ours = protocol.gate_verdict(run_doc, *thresholds)
+        assert theirs == dict(ours, active="a" * 64, path="/d/current/model.tflite")
+        host = GateResult(ours["passed"], tuple(ours["reasons"]), "a" * 64, ours["accuracy"], ours["p99_ms"],
+                          ours["runs"], "/d/current/model.tflite").to_dict()
+        assert {k: theirs[k] for k in host} == host
+    dev = edev.Device(str(tmp_path / "d"))
+    params = {"runs": 50, "warmup": 1, "min_seconds": 1.0, "max_runs": 10000, "threads": None}
+    report = edev.build_report({"ok": True, "hostname": "pi"}, run_doc, params, dev,
+                               {"name": "m.tflite", "sha256": "b" * 64, "bytes": 10}, None, {}, None,
+                               "2026-01-01T00:00:00+00:00", 1.0, [], theirs)
+    host_doc = DeployResult("h", {}, {}, {}, LatencyStats.from_samples(samples), 0.0, 0.0, None, None, None, None,
+                            None, {}, {}, "", 0.0).to_dict()
+    assert report["schema"] == host_doc["schema"] == "edgeq.deploy/1" and list(report) == list(host_doc)
+    lat = report["latency_ms"]
+    assert {k: lat[k] for k in ("p50", "p90", "p99", "mean", "count")} == \
+        {k: host_doc["latency_ms"][k] for k in ("p50", "p90", "p99", "mean", "count")}
+    assert len(lat["samples"]) == edev.MAX_SAMPLES  # the module result keeps evenly spaced samples
+    assert report["gate"] == theirs and report["outcome"] == "ok" and report["device"] == {"hostname": "pi"}

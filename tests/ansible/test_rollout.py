@@ -7,9 +7,10 @@ from dataclasses import replace
 
 import pytest
 
+from edgeq.deploy import Outcome
 from edgeq.errors import ModelError, UsageError
 from edgeq.report import write_fleet_report
-from edgeq.rollout import RolloutOptions, exit_status, plan_batches, rollout
+from edgeq.rollout import RolloutOptions, plan_batches, rollout
 from tests.ansible.conftest import active, inventory_hosts, sha, write_inventory
 
 pytestmark = pytest.mark.ssh
@@ -40,7 +41,7 @@ def test_canary_failing_its_gate_reverts_and_the_rollout_stops(fleet, tmp_path, 
                                                                                                "batch"]
     assert all(h.gate.passed and h.gate.accuracy == 1.0 for h in first.hosts)
     assert first.hosts[0].gate.path == f"{tmp_path / 'dev0'}/current/model.tflite"
-    assert exit_status(first) == 0
+    assert first.outcome is Outcome.OK
 
     # model_a fails the gate on the canary: it reverts, nothing else starts.
     second = rollout(model_a, hosts, gate)
@@ -53,7 +54,7 @@ def test_canary_failing_its_gate_reverts_and_the_rollout_stops(fleet, tmp_path, 
     assert [h.status for h in rest] == ["not_started", "not_started"]
     assert [active(tmp_path / f"dev{i}") for i in (1, 2)] == [sha(model_b), sha(model_b)]
     assert second.stopped and "canary 1" in second.stop_reason and len(second.batches) == 1
-    assert exit_status(second) == 7
+    assert second.outcome is Outcome.GATE_FAILED
     ledger("fault", "canary fails its health gate: reverted, rollout stopped")
     ledger("model_kept", "canary fails its health gate")
 
@@ -80,7 +81,7 @@ def test_a_revert_that_cannot_happen_is_reported_loudly(fleet, tmp_path, device_
     assert h.status == "revert_failed" and h.error.startswith("REVERT FAILED") and "p99" in h.error
     assert "no previous model" in h.revert.error
     assert res.hosts[1].status == "not_started" and active(tmp_path / "dev1") is None
-    assert exit_status(res) == 8
+    assert res.outcome is Outcome.REVERT_FAILED
 
 
 def test_max_fail_lets_the_rollout_continue(fleet, tmp_path, device_python, model_a, model_b, eval_b, fleet_opts):

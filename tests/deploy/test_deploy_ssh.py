@@ -74,10 +74,11 @@ def _cli(sshd, known_hosts, *args: str):
 def _one_line_error(res, host: str) -> str:
     assert res.exit_code == 4, res.output
     lines = [l for l in res.output.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    # Progress lines (stderr is not a terminal: "[host] stage ...") may come first; the error is one line, the last.
+    assert all(l.startswith("[") for l in lines[:-1]) and lines[-1].startswith("error: "), res.output
     assert "Traceback" not in res.output
-    assert host in lines[0]
-    return lines[0]
+    assert host in lines[-1]
+    return lines[-1]
 
 
 @pytest.mark.ssh

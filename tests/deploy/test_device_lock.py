@@ -125,7 +125,7 @@ def test_a_full_disk_during_activation_keeps_current_and_previous(rmod, tmp_path
         return real_symlink(src, dst, *a, **k)
 
     monkeypatch.setattr(rmod.os, "symlink", symlink)
-    args = rmod._parser().parse_args(["activate", "--dir", str(remote), "--sha", shas[2], "--token", "T"])
+    args = rmod.protocol.parse_args(["activate", "--dir", str(remote), "--sha", shas[2], "--token", "T"])
     with pytest.raises(rmod.RunnerError, match="No space left"):
         rmod.activate(args)
     assert os.readlink(remote / "current") == f"models/{shas[0]}"

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 import edgeq.transport as transport_mod
+import edgeq.transport.ssh_upload as upload_mod
 from edgeq.deploy import DeployOptions, deploy
 from edgeq.errors import CommandTooLong, ConnectError, DeviceError, RemoteCommandError
 from edgeq.transport import MAX_COMMAND_BYTES, SSHTransport, posix_command, wire_command
+from edgeq.transport.wire import run_script
 from tests.deploy.conftest import tree
 from tests.deploy.dropbear_helper import Dropbear, dropbear, dropbear_sftp  # noqa: F401 - fixtures
 from tests.deploy.sshd_helper import gone_within
@@ -71,13 +73,13 @@ def test_sftp_refusal_is_remembered_per_connection(dropbear, tmp_path):
     src.write_bytes(b"x" * 1000)
     calls = []
     with SSHTransport(dropbear.spec, dropbear.options(tmp_path)) as tr:
-        real = tr._sftp
+        real = tr.uploads.sftp
 
         def counting(seconds):
             calls.append(seconds)
             return real(seconds)
 
-        tr._sftp = counting
+        tr.uploads.sftp = counting
         assert tr.transfer is None
         for i in range(3):
             assert tr.put(src, str(tmp_path / f"out{i}"), 20) == 1000
@@ -91,7 +93,7 @@ def test_a_corrupted_exec_transfer_is_caught_by_sha256(dropbear, device_python, 
                                                        ledger):
     # The device writes something else than it was sent (a bad storage driver, a broken cat): every zero
     # byte becomes 1, so the size still matches and only the sha256 on the device can tell.
-    monkeypatch.setattr(transport_mod, "_EXEC_PUT_SCRIPT",
+    monkeypatch.setattr(upload_mod, "EXEC_PUT_SCRIPT",
                         "set -C; tr '\\000' '\\001' > \"$1\" || exit $?; wc -c < \"$1\"")
     remote = tmp_path / "device"
     with pytest.raises(DeviceError, match="failed verification") as exc:
@@ -107,7 +109,7 @@ def test_a_transfer_refused_with_the_link_up_leaves_no_lock_and_no_temp_files(dr
                                                                               model_a, monkeypatch, ledger):
     # The server has no SFTP and refuses the write as well: the link is up, so the deploy cleans up
     # after itself (lock released, temp file removed) instead of leaving the device locked.
-    monkeypatch.setattr(transport_mod, "_EXEC_PUT_SCRIPT", "echo 'write refused' >&2; exit 1")
+    monkeypatch.setattr(upload_mod, "EXEC_PUT_SCRIPT", "echo 'write refused' >&2; exit 1")
     remote = tmp_path / "device"
     with pytest.raises(DeviceError, match="write refused") as exc:
         deploy(model_a, _opts(dropbear, device_python, tmp_path, remote))
@@ -161,7 +163,7 @@ def test_a_command_over_the_length_limit_is_refused_before_it_is_sent(dropbear, 
     def argv(n: int) -> list[str]:
         return ["sh", "-c", "exit 0", "sh", "a" * n]
 
-    overhead = len(wire_command(transport_mod._run_script(posix_command(argv(1)), "0" * 16))) - 1
+    overhead = len(wire_command(run_script(posix_command(argv(1)), "0" * 16))) - 1
     with SSHTransport(dropbear.spec, dropbear.options(tmp_path)) as tr:
         assert tr.run(argv(MAX_COMMAND_BYTES - overhead), 20).ok  # exactly at the limit: runs
         with pytest.raises(CommandTooLong, match=f"over edgeq's limit of {MAX_COMMAND_BYTES}"):
@@ -214,7 +216,7 @@ def test_an_exec_upload_past_its_timeout_is_killed_and_cleaned_up(dropbear, devi
     # A device that stops reading (a hung disk): the upload phase deadline fires, the writer is killed, and
     # with the link up the lock and the temp file are gone afterwards.
     marker = tmp_path / "writer_pid"
-    monkeypatch.setattr(transport_mod, "_EXEC_PUT_SCRIPT",
+    monkeypatch.setattr(upload_mod, "EXEC_PUT_SCRIPT",
                         f"echo $$ > {marker}; sleep 120; cat > \"$1\"; wc -c < \"$1\"")
     remote = tmp_path / "device"
     t0 = time.monotonic()

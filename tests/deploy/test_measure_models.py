@@ -23,7 +23,11 @@ def test_measure_models_one_session_no_activation(tmp_path, device_python, model
     assert all(r.activation["activated"] is False and r.activation["active"] == sha(model_a) for r in results)
     # One probe and one lock for the whole batch; each distinct model uploaded once.
     stages = [e.stage for e in events]
-    assert stages.count("probe") == 1 and stages.count("lock") == 1 and stages.count("measure") == 3
+    assert stages.count("probe") == 1 and stages.count("lock") == 1
+    # Each model's run: a start and an end event, counted in models.
+    assert [(e.done, e.total) for e in events if e.stage == "measure"] == [(0, 3), (1, 3), (1, 3), (2, 3), (2, 3),
+                                                                          (3, 3)]
+    assert sum(1 for e in events if e.stage == "measure" and e.message.startswith("measured ")) == 3
     assert results[0].transfer["model_bytes_sent"] == model_b.stat().st_size
     assert results[2].transfer["model_bytes_sent"] == 0
     for r in results:

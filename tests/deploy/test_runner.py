@@ -6,18 +6,36 @@ import ast
 import hashlib
 import json
 import subprocess
+from pathlib import Path
 
 from edgeq.deploy import runner_source
 
+ROOT = Path(__file__).resolve().parents[2]
 
-def test_runner_is_python38_syntax_and_imports_nothing_of_edgeq():
+
+def _imports(tree: ast.AST, skip: tuple = ()) -> set:
+    nodes = [n for n in ast.walk(tree) if not any(n is s or n in ast.walk(s) for s in skip)]
+    mods = {n.module for n in nodes if isinstance(n, ast.ImportFrom)}
+    return mods | {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_runner_is_python38_syntax_and_imports_nothing_of_edgeq_but_the_protocol_sent_with_it():
     src = runner_source().decode()
     tree = ast.parse(src, feature_version=(3, 8))
-    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert not [m for m in mods if m and m.startswith("edgeq")]
-    for newer in (".removeprefix(", ".removesuffix(", "functools.cache(", "zoneinfo", "math.lcm(", "str | None"):
-        assert newer not in src, f"{newer} needs Python > 3.8"
+    # The only edgeq module the runner imports is the protocol sent ahead of it; edgeq itself (or the file
+    # beside it) only when the runner is imported as edgeq._device.runner or run as a script (the ImportError
+    # branch, never taken on a device).
+    fallback = [h for n in ast.walk(tree) if isinstance(n, ast.Try) for h in n.handlers
+                if isinstance(h.type, ast.Name) and h.type.id == "ImportError"
+                and any(isinstance(i, ast.Import) and i.names[0].name == "edgeq_protocol" for i in n.body)]
+    assert len(fallback) == 1 and _imports(fallback[0]) == {"edgeq._device", "protocol"}
+    assert [m for m in _imports(tree, tuple(fallback)) if m and m.startswith("edgeq")] == ["edgeq_protocol"]
+    # The protocol travels as a string literal in the program: Python 3.8 syntax, standard library only.
+    proto = ast.parse((ROOT / "deploy" / "protocol.py").read_text(), feature_version=(3, 8))
+    assert _imports(proto) <= {"argparse", "json", "math"}
+    for text in (src, (ROOT / "deploy" / "protocol.py").read_text()):
+        for newer in (".removeprefix(", ".removesuffix(", "functools.cache(", "zoneinfo", "math.lcm(", "str | None"):
+            assert newer not in text, f"{newer} needs Python > 3.8"
 
 
 def _runner(python: str, *args: str) -> dict:

@@ -38,6 +38,7 @@ def test_deploy_activates_and_keeps_previous_then_rollback(opts, model_a, model_
 
     back = rollback(opts)
     assert (back.active, back.previous, back.rolled_back_from) == (sha(model_a), sha(model_b), sha(model_b))
+    assert back.to_dict()["schema"] == "edgeq.rollback/1" and back.to_dict()["active"] == sha(model_a)
     assert active(remote) == sha(model_a)
     assert not (remote / "lock").exists()
 

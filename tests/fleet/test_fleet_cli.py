@@ -77,7 +77,8 @@ def test_deploy_inventory_three_hosts(fleet, tmp_path, device_python, model_a, m
     assert res.exit_code == 0, res.output
     assert "3 of 3 hosts ok" in res.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"] == {"hosts": 3, "ok": 3, "failed": 0, "timeout": 0}
+    assert summary["counts"] == {"hosts": 3, "ok": 3, "failed": 0, "timeout": 0, "gate_failed": 0}
+    assert summary["schema"] == "edgeq.fleet/1" and summary["outcome"] == "ok"
     for i, row in enumerate(summary["hosts"]):
         assert row["name"] == f"pi{i}" and row["status"] == "ok"
         assert row["runtime"]["name"] == "tflite_runtime" and row["latency_ms"]["p50"] > 0

@@ -14,7 +14,7 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 
-import edgeq.deploy
+import edgeq.deploy.reference
 from edgeq.deploy import DeployOptions, deploy
 from edgeq.errors import DeviceError
 from edgeq.fleet_deploy import FleetOptions, deploy_fleet
@@ -94,7 +94,7 @@ def test_host_reference_is_computed_once_per_model_even_when_it_fails(fleet, opt
         time.sleep(1.5)  # a reference run that hangs until its bound
         raise DeviceError(f"the host reference timed out after {timeout:g} s")
 
-    monkeypatch.setattr(edgeq.deploy, "host_reference", hanging_reference)
+    monkeypatch.setattr(edgeq.deploy.reference, "host_reference", hanging_reference)
     hosts = [_host(f"pi{i}", s, tmp_path / f"dev{i}", device_python) for i, s in enumerate(fleet.servers)]
     base = replace(opts, host=None, eval_data=str(data), reference=True, reference_timeout=5.0)
     t0 = time.monotonic()

@@ -109,7 +109,7 @@ class CallbackModule(CallbackBase):
             forks = int(context.CLIARGS.get("forks") or 0) or None
         except (TypeError, ValueError):
             forks = None
-        doc = {"format": FORMAT, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(self.started)),
+        doc = {"schema": FORMAT, "format": FORMAT, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(self.started)),
                "seconds": round(time.time() - self.started, 3), "forks": forks, "plays": self.plays}
         folder = os.path.dirname(path) or "."
         try:

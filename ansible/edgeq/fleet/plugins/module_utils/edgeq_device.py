@@ -3,6 +3,11 @@
 # Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
 """The device side of the edgeq.fleet modules: edgeq's own runner, called as ``edgeq deploy`` calls it.
 
+Only the Ansible glue lives here; what the host and the collection share (the
+runner's arguments, the gate verdict, the latency statistics, the report
+document, the checks on untrusted numbers) is ``edgeq_protocol`` (a byte copy
+of deploy/protocol.py), and the runner is ``edgeq_runner`` (deploy/runner.py).
+
 Light steps (probe, install, lock, activate, rollback) call the runner's own
 ``main()`` in this process and read its one JSON document. Anything that loads
 a model (``run``) goes to a child process that gets the runner's source on
@@ -25,13 +30,17 @@ import subprocess
 import sys
 import time
 
-from ansible_collections.edgeq.fleet.plugins.module_utils import edgeq_runner as runner
+from ansible_collections.edgeq.fleet.plugins.module_utils import edgeq_protocol as protocol
+
+# The runner imports the protocol as ``edgeq_protocol`` (on a device the host sends it ahead of the runner).
+sys.modules.setdefault("edgeq_protocol", protocol)
+
+from ansible_collections.edgeq.fleet.plugins.module_utils import edgeq_runner as runner  # noqa: E402
 
 COLLECTION_VERSION = "0.1.0"
 MAX_DOC_BYTES = 16 * 1024 * 1024
 REPORT_NAME = "edgeq-report.json"
 MAX_SAMPLES = 500  # latency samples kept in a module result
-MAX_INT_DIGITS = 20  # as edgeq.jsondoc: no count, size or time in a runner document is longer
 
 # Shared by the module (device side) and the action plugin (controller side): one spec, one set of messages.
 MODEL_ARGSPEC = dict(
@@ -42,11 +51,11 @@ MODEL_ARGSPEC = dict(
     eval=dict(type="path"),
     gate_accuracy=dict(type="float"),
     gate_p99_ms=dict(type="float"),
-    runs=dict(type="int", default=50),
-    warmup=dict(type="int", default=1),
-    min_seconds=dict(type="float", default=1.0),
-    min_warmup_seconds=dict(type="float", default=0.5),
-    max_runs=dict(type="int", default=10000),
+    runs=dict(type="int", default=protocol.RUN_DEFAULTS["runs"]),
+    warmup=dict(type="int", default=protocol.RUN_DEFAULTS["warmup"]),
+    min_seconds=dict(type="float", default=protocol.RUN_DEFAULTS["min_seconds"]),
+    min_warmup_seconds=dict(type="float", default=protocol.RUN_DEFAULTS["min_warmup_seconds"]),
+    max_runs=dict(type="int", default=protocol.RUN_DEFAULTS["max_runs"]),
     threads=dict(type="int"),
     xnnpack=dict(type="bool", default=True),
     run_timeout=dict(type="float", default=900.0),
@@ -77,8 +86,8 @@ class EdgeqModuleError(Exception):
         self.extra = extra
 
 
-def is_sha(text):
-    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+is_sha = protocol.is_sha
+loads = protocol.loads
 
 
 def call(argv):
@@ -97,7 +106,7 @@ def call(argv):
 
 
 def runner_source():
-    """The runner's source text, to send to a child interpreter on stdin."""
+    """The program to send to a child interpreter on stdin: the runner behind the protocol it imports."""
     loader = getattr(runner, "__loader__", None)
     src = None
     if loader is not None and hasattr(loader, "get_source"):
@@ -108,7 +117,7 @@ def runner_source():
     if src is None:
         with open(runner.__file__, "r") as f:
             src = f.read()
-    return src.encode("utf-8")
+    return protocol.standalone(src.encode("utf-8"))
 
 
 def run_child(argv, timeout):
@@ -132,22 +141,6 @@ def run_child(argv, timeout):
         return {"ok": False, "kind": "protocol",
                 "error": "the runner gave no result (exit status %d): %s" % (p.returncode, " | ".join(tail))}
     return doc
-
-
-def finite(value):
-    """A finite float, or None: for a string, a boolean, NaN/Infinity, or an integer too large for a float."""
-    return runner.finite_number(value)
-
-
-def _bounded_int(text):
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError("an integer of %d digits is out of range" % len(text.lstrip("-")))
-    return int(text)
-
-
-def loads(text):
-    """The runner's document: ``json.loads`` with integers bounded as edgeq bounds them (edgeq.jsondoc)."""
-    return json.loads(text, parse_int=_bounded_int)
 
 
 class Device:
@@ -180,7 +173,7 @@ class Device:
 
     def has(self, rel, sha):
         """True when ``rel`` is a regular file with this sha256 (a corrupt file is re-sent, never trusted)."""
-        return runner._file_sha(self.path(rel)) == sha
+        return runner.file_sha(self.path(rel)) == sha
 
     @contextlib.contextmanager
     def locked(self, model_sha, stale_after, ttl):
@@ -230,23 +223,12 @@ class Device:
     def run(self, model_path, params, eval_path, timed):
         timeout = params["run_timeout"]
         # The runner kills itself just before we would give up on it; --dir/--token keep our lock fresh.
-        argv = ["run", "--model", model_path, "--max-outputs", "0",
-                "--deadline", repr(max(0.5, timeout - min(2.0, 0.1 * timeout)))]
-        if self.token:
-            argv += ["--dir", self.dir, "--token", self.token]
-        if timed:
-            argv += ["--runs", str(params["runs"]), "--warmup", str(params["warmup"]),
-                     "--min-seconds", repr(float(params["min_seconds"])),
-                     "--min-warmup-seconds", repr(float(params["min_warmup_seconds"])),
-                     "--max-runs", str(params["max_runs"])]
-        else:
-            argv.append("--eval-only")
-        if eval_path:
-            argv += ["--eval", eval_path]
-        if params.get("threads"):
-            argv += ["--threads", str(params["threads"])]
-        if not params.get("xnnpack", True):
-            argv.append("--no-xnnpack")
+        argv = ["run"] + protocol.run_args(
+            model_path, timed=timed, runs=params["runs"], warmup=params["warmup"], min_seconds=params["min_seconds"],
+            min_warmup_seconds=params["min_warmup_seconds"], max_runs=params["max_runs"], eval_path=eval_path,
+            threads=params.get("threads"), xnnpack=params.get("xnnpack", True), max_outputs=0,
+            lock_dir=self.dir if self.token else None, token=self.token)
+        argv += ["--deadline", repr(max(0.5, timeout - min(2.0, 0.1 * timeout)))]
         return run_child(argv, timeout)
 
     def activate(self, sha):
@@ -272,7 +254,7 @@ class Device:
         if state["previous"] != sha:
             return
         if state["current"]:
-            runner._record_previous(self.dir, state["current"], None)
+            runner.record_previous(self.dir, state["current"], None)
         link = os.path.join(self.dir, "previous")
         if os.path.islink(link):
             os.unlink(link)
@@ -302,53 +284,16 @@ class Device:
 
 
 def gate(run_doc, gate_accuracy, gate_p99_ms, path, active):
-    """Judge a run from ``current`` against the gate: a dict with passed, reasons, accuracy, p99_ms."""
-    if not run_doc.get("ok"):
-        reasons = ["smoke run from current failed: %s" % str(run_doc.get("error"))[:300]]
-        return {"passed": False, "reasons": reasons, "active": active, "accuracy": None, "p99_ms": None,
-                "runs": 0, "path": path}
-    ev = run_doc.get("eval") if isinstance(run_doc.get("eval"), dict) else {}
-    accuracy = finite(ev.get("accuracy"))
-    stats = latency(run_doc.get("samples_ms"))
-    p99 = stats["p99"] if stats["count"] else None
-    reasons = []
-    if gate_accuracy is not None:
-        if accuracy is None:
-            reasons.append("no accuracy measured on the device (labels missing or not a classifier)")
-        elif accuracy < gate_accuracy:
-            reasons.append("accuracy %.4f < %g" % (accuracy, gate_accuracy))
-    if gate_p99_ms is not None:
-        if p99 is None:
-            reasons.append("no latency samples from the gate run")
-        elif p99 > gate_p99_ms:
-            reasons.append("p99 %.3f ms > %g ms" % (p99, gate_p99_ms))
-    return {"passed": not reasons, "reasons": reasons, "active": active, "accuracy": accuracy, "p99_ms": p99,
-            "runs": stats["count"], "path": path}
-
-
-def latency(samples):
-    """The same statistics as edgeq.deploy.LatencyStats (numpy percentiles, linear interpolation)."""
-    vals = [finite(s) for s in samples] if isinstance(samples, list) else []
-    if not vals or any(v is None for v in vals):
-        return {"min": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0, "std": 0.0, "max": 0.0, "count": 0,
-                "samples": []}
-    import numpy as np
-
-    a = np.asarray(vals, dtype=np.float64)
-    p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
-    if len(vals) > MAX_SAMPLES:
-        # Statistics come from every run; the result (printed by Ansible) keeps evenly spaced samples.
-        step = len(vals) / float(MAX_SAMPLES)
-        vals = [vals[int(i * step)] for i in range(MAX_SAMPLES)]
-    return {"min": float(a.min()), "p50": p50, "p90": p90, "p99": p99, "mean": float(a.mean()), "std": float(a.std()),
-            "max": float(a.max()), "count": int(len(a)), "samples": vals}
+    """Judge a run from ``current`` against the gate (protocol.gate_verdict, as edgeq's rollout does)."""
+    verdict = protocol.gate_verdict(run_doc, gate_accuracy, gate_p99_ms)
+    verdict.update(active=active, path=path)
+    return verdict
 
 
 def build_report(probe, run_doc, params, device, model, eval_info, sent, activation, started_at, duration_s,
-                 warnings):
-    """The document ``edgeq deploy`` writes as report.json, built from the same runner documents."""
-    device_facts = dict((k, v) for k, v in probe.items()
-                        if k not in ("ok", "mode", "have", "runner_version", "activation"))
+                 warnings, gate_doc=None):
+    """The document ``edgeq deploy`` writes as report.json (protocol.report_document), from the same runner
+    documents."""
     runtime = dict(run_doc.get("runtime") or {})
     runtime["threads"] = params.get("threads")
     ev = run_doc.get("eval") if isinstance(run_doc.get("eval"), dict) else None
@@ -361,33 +306,33 @@ def build_report(probe, run_doc, params, device, model, eval_info, sent, activat
                 "max_runs": params["max_runs"], "warmup_runs_done": run_doc.get("warmup_runs"),
                 "python": sys.executable, "remote_dir": device.dir, "inputs": run_doc.get("inputs"),
                 "outputs": run_doc.get("outputs")}
-    rss = run_doc.get("peak_rss_bytes")
-    return {
-        "edgeq_version": "edgeq.fleet %s" % COLLECTION_VERSION,
-        "host": socket.gethostname(),
-        "started_at": started_at,
-        "duration_s": round(duration_s, 3),
-        "model": {"name": model["name"], "sha256": model["sha256"], "bytes": model["bytes"],
-                  "remote_path": device.path(device.model_rel(model["sha256"]))},
-        "device": device_facts,
-        "runtime": runtime,
-        "settings": settings,
-        "latency_ms": latency(run_doc.get("samples_ms")),
-        "load_ms": finite(run_doc.get("load_ms")) or 0.0,
-        "first_inference_ms": finite(run_doc.get("first_inference_ms")) or 0.0,
-        "peak_rss_bytes": rss if isinstance(rss, int) and not isinstance(rss, bool) else None,
-        "accuracy": finite((ev or {}).get("accuracy")),
-        "mae": finite((ev or {}).get("mae")),
-        "eval": evaluation,
-        "agreement": None,
-        "transfer": {"model_bytes_sent": sent.get("model", 0), "eval_bytes_sent": sent.get("eval", 0),
-                     "runner_bytes_sent": 0, "seconds": 0.0, "uploaded": sorted(sent),
-                     "connect_attempts": None, "stale_temp_files_removed": 0},
-        "activation": activation,
-        "warnings": list(warnings),
-        "layer_diff": None,  # edgeq deploy --layer-diff only: it needs the host's reference run
-        "delegate": run_doc.get("delegate") if isinstance(run_doc.get("delegate"), dict) else None,
-    }
+    return protocol.report_document(
+        edgeq_version="edgeq.fleet %s" % COLLECTION_VERSION,
+        host=socket.gethostname(),
+        started_at=started_at,
+        duration_s=duration_s,
+        model={"name": model["name"], "sha256": model["sha256"], "bytes": model["bytes"],
+               "remote_path": device.path(device.model_rel(model["sha256"]))},
+        device=protocol.device_facts(probe),
+        runtime=runtime,
+        settings=settings,
+        latency_ms=protocol.latency(run_doc.get("samples_ms"), MAX_SAMPLES),
+        load_ms=protocol.finite_number(run_doc.get("load_ms")) or 0.0,
+        first_inference_ms=protocol.finite_number(run_doc.get("first_inference_ms")) or 0.0,
+        peak_rss_bytes=run_doc.get("peak_rss_bytes"),
+        accuracy=protocol.finite_number((ev or {}).get("accuracy")),
+        mae=protocol.finite_number((ev or {}).get("mae")),
+        eval=evaluation,
+        agreement=None,
+        transfer={"model_bytes_sent": sent.get("model", 0), "eval_bytes_sent": sent.get("eval", 0),
+                  "runner_bytes_sent": 0, "seconds": 0.0, "uploaded": sorted(sent),
+                  "connect_attempts": None, "stale_temp_files_removed": 0},
+        activation=activation,
+        warnings=list(warnings),
+        layer_diff=None,  # edgeq deploy --layer-diff only: it needs the host's reference run
+        delegate=run_doc.get("delegate") if isinstance(run_doc.get("delegate"), dict) else None,
+        gate=gate_doc,
+    )
 
 
 def now_iso():

@@ -179,7 +179,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.edgeq.fleet.plugins.module_utils.edgeq_device import (
-    MODEL_ARGSPEC, MODEL_REQUIRED_IF, Device, EdgeqModuleError, build_report, gate, is_sha, now_iso)
+    MODEL_ARGSPEC, MODEL_REQUIRED_IF, Device, EdgeqModuleError, build_report, gate, is_sha, now_iso, protocol)
 
 
 def _absent(module, dev, sha):
@@ -242,13 +242,12 @@ def _deploy(module, dev, sha):
             raise EdgeqModuleError("the model failed on the device: %s" % run_doc.get("error"),
                                    active=before["current"], previous=before["previous"], sha256=sha,
                                    changed=result["changed"])
-        activation = {"activated": False, "switched": False, "active": before["current"],
-                      "previous": before["previous"], "path": "%s/current/model.tflite" % dev.dir}
+        activation = protocol.activation_record(dev.dir, before["current"], before["previous"])
         gate_doc = None
         if state == "active":
             doc = dev.activate(sha)
-            activation = {"activated": True, "switched": bool(doc.get("switched")), "active": doc.get("active"),
-                          "previous": doc.get("previous"), "path": "%s/current/model.tflite" % dev.dir}
+            activation = protocol.activation_record(dev.dir, doc.get("active"), doc.get("previous"), True,
+                                                    doc.get("switched"))
             result["changed"] = result["changed"] or activation["switched"]
             path = "%s/current/model.tflite" % dev.dir
             timed = p["gate_p99_ms"] is not None
@@ -259,7 +258,7 @@ def _deploy(module, dev, sha):
                  "bytes": os.path.getsize(dev.path(model_rel))}
         eval_info = {"name": "eval.npz", "sha256": eval_sha} if eval_sha else None
         report = build_report(probe, run_doc, p, dev, model, eval_info, sent, activation, started_at,
-                              time.time() - started, [])
+                              time.time() - started, [], gate_doc)
         result["report"] = report
         if gate_doc is not None and not gate_doc["passed"]:
             why = "; ".join(gate_doc["reasons"])
@@ -290,12 +289,10 @@ def main():
                              "run this module through its action plugin, edgeq.fleet.model)")
     if p["eval_sha256"] is not None and not is_sha(p["eval_sha256"]):
         module.fail_json(msg="eval_sha256 must be 64 lowercase hex digits")
-    if p["gate_accuracy"] is not None and not 0.0 <= p["gate_accuracy"] <= 1.0:
-        module.fail_json(msg="gate_accuracy must be a fraction from 0 to 1, got %s" % p["gate_accuracy"])
-    if p["gate_p99_ms"] is not None and not p["gate_p99_ms"] > 0:
-        module.fail_json(msg="gate_p99_ms must be a positive number of milliseconds, got %s" % p["gate_p99_ms"])
-    if p["gate_accuracy"] is not None and not p["eval_sha256"]:
-        module.fail_json(msg="gate_accuracy needs eval (the accuracy is measured on the device)")
+    problems = protocol.gate_problems(p["gate_accuracy"], p["gate_p99_ms"], bool(p["eval_sha256"]),
+                                      ("gate_accuracy", "gate_p99_ms", "eval"))
+    if problems:
+        module.fail_json(msg="; ".join(problems))
     for name in ("runs", "max_runs"):
         if p[name] < 1:
             module.fail_json(msg="%s must be at least 1, got %d" % (name, p[name]))
