@@ -18,8 +18,10 @@ on the device the host sends it on stdin ahead of the runner (``standalone``).
 """
 
 import argparse
+import importlib
 import json
 import math
+import sys
 
 SCHEMA_REPORT = "edgeq.deploy/1"
 MAX_INT_DIGITS = 20  # 2**64 has 20 digits: any byte count, id or time in nanoseconds fits
@@ -364,34 +366,60 @@ def report_document(**fields):
 
 # ------------------------------------------------------------ one program for the device
 
-def own_source():
-    """This module's source text (also from a zip, as Ansible ships module_utils)."""
-    loader = globals().get("__loader__")
+# The runner's device modules (deploy/<name>.py), each after those it imports: ``standalone`` installs them in
+# this order as ``edgeq_<name>``, the collection embeds them as ``module_utils/edgeq_<name>.py``.
+DEVICE_MODULES = ("facts", "tensorio", "device_state", "activation", "measure")
+
+
+def device_module(name):
+    """The device module ``name``: ``edgeq_<name>`` as ``standalone`` or the collection installed it, else
+    ``edgeq._device.<name>`` (imported as part of edgeq), else ``<name>`` beside this file (deploy/, tests)."""
+    for full in ("edgeq_" + name, "edgeq._device." + name, name):
+        if full in sys.modules:
+            return sys.modules[full]
+        try:
+            return importlib.import_module(full)
+        except ImportError:
+            continue
+    raise ImportError("no device module %s" % name)
+
+
+def module_source(module=None):
+    """A module's source text (this module's by default; also from a zip, as Ansible ships module_utils)."""
+    namespace = vars(module) if module is not None else globals()
+    loader = namespace.get("__loader__")
     if loader is not None and hasattr(loader, "get_source"):
         try:
-            src = loader.get_source(__name__)
+            src = loader.get_source(namespace["__name__"])
             if src:
                 return src
         except Exception:
             pass
-    with open(__file__, "r") as f:
+    with open(namespace["__file__"], "r") as f:
         return f.read()
 
 
-def standalone(runner_source):
-    """One program for ``python -`` (bytes): ``sys.path`` cleaned, this module installed as ``edgeq_protocol``,
-    then the runner, which imports it by that name.
+def standalone(runner_source, modules):
+    """One program for ``python -`` (bytes): ``sys.path`` cleaned, this module installed as ``edgeq_protocol``
+    and each device module (``modules``: ``(name, source text)`` pairs in ``DEVICE_MODULES`` order) as
+    ``edgeq_<name>``, then the runner, which imports them by those names.
 
     ``python -`` puts the working directory first on sys.path, and a json.py or numpy.py there would run
     instead of the real one: it goes before anything is imported. Not ``-I`` on the command line: that would
     also drop user site-packages and PYTHONPATH, where a device's TFLite runtime is often installed.
     """
+    names = tuple(name for name, _ in modules)
+    if names != DEVICE_MODULES:
+        raise ValueError("device modules %r, expected %r" % (names, DEVICE_MODULES))
     prologue = ("import sys\n"
                 "if sys.path and sys.path[0] in ('', '.'):\n"
                 "    del sys.path[0]\n"
                 "import types as _edgeq_types\n"
-                "_edgeq_protocol = _edgeq_types.ModuleType('edgeq_protocol')\n"
-                "exec(compile(%s, 'edgeq_protocol.py', 'exec'), _edgeq_protocol.__dict__)\n"
-                "sys.modules['edgeq_protocol'] = _edgeq_protocol\n"
-                "del _edgeq_types, _edgeq_protocol\n") % ascii(own_source())
+                "def _edgeq_install(name, source):\n"
+                "    module = _edgeq_types.ModuleType(name)\n"
+                "    exec(compile(source, name + '.py', 'exec'), module.__dict__)\n"
+                "    sys.modules[name] = module\n")
+    for name, source in [("protocol", module_source())] + list(modules):
+        prologue += "_edgeq_install(%s, %s)\n" % (ascii("edgeq_" + name), ascii(source))
+    prologue += "del _edgeq_types, _edgeq_install\n"
     return prologue.encode("ascii") + runner_source

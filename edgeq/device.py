@@ -41,8 +41,10 @@ MAX_STRING = 64 << 10
 
 def runner_source() -> bytes:
     """The program sent to the device: ``deploy/runner.py`` (shipped as ``edgeq._device``) behind the protocol
-    module it imports, as one standalone source (``protocol.standalone``)."""
-    return protocol.standalone(resources.files("edgeq._device").joinpath("runner.py").read_bytes())
+    and the device modules it imports, as one standalone source (``protocol.standalone``)."""
+    device = resources.files("edgeq._device")
+    modules = [(name, device.joinpath(name + ".py").read_text(encoding="utf-8")) for name in protocol.DEVICE_MODULES]
+    return protocol.standalone(device.joinpath("runner.py").read_bytes(), modules)
 
 
 def runner_program(args: Sequence[str]) -> bytes:

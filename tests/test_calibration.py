@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 
@@ -317,3 +318,22 @@ def test_mean_and_std_must_be_finite_and_std_nonzero(option, text, ledger):
     with pytest.raises(UsageError, match=rf"{option} (takes finite numbers|cannot be 0)"):
         parse_floats(text, option)
     ledger("bad_input", f"calibration {option} {text}")
+
+
+def test_package_imports_numpy_only_and_exports_its_public_names():
+    """``edgeq.calibration`` (every module of it) loads no TensorFlow, PyTorch or Pillow: check, deploy and the
+    CLI import it. Its ``__all__`` names what importers use."""
+    code = (
+        "import sys, edgeq.calibration as c\n"
+        "from edgeq.calibration import dataset, functions, options, readers, sampling, types\n"
+        "missing = [n for n in c.__all__ if not hasattr(c, n)]\n"
+        "heavy = [m for m in ('tensorflow', 'keras', 'tf_keras', 'torch', 'PIL') if m in sys.modules]\n"
+        "print('MISSING=' + ','.join(missing) + ' HEAVY=' + ','.join(heavy))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "MISSING= HEAVY="
+    import edgeq.calibration as c
+
+    assert {"DataOptions", "Dataset", "InputSpec", "load_dataset", "iter_samples", "parse_floats", "parse_input_shape",
+            "concrete_inputs", "import_function", "check_numpy_sizes"} <= set(c.__all__)

@@ -408,19 +408,19 @@ def test_keras_zip_bomb_is_refused_before_keras_opens_it(tmp_path, ledger):
 
 
 def test_runner_npz_declared_bytes(tmp_path):
-    """deploy/runner.py's standard-library header reader (the runner calls it before numpy loads eval data)."""
+    """deploy/tensorio.py's standard-library header reader (the runner calls it before numpy loads eval data)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
     try:
-        import runner
+        import tensorio
     finally:
         sys.path.pop(0)
     np.savez(tmp_path / "d.npz", x=np.zeros((10, 3), np.float32), y=np.arange(10))
-    assert runner._npz_declared_bytes(str(tmp_path / "d.npz"), 1 << 20) == 120 + 80
-    with pytest.raises(runner.RunnerError, match="more than the limit of 150"):
-        runner._npz_declared_bytes(str(tmp_path / "d.npz"), 150)
+    assert tensorio._npz_declared_bytes(str(tmp_path / "d.npz"), 1 << 20) == 120 + 80
+    with pytest.raises(tensorio.RunnerError, match="more than the limit of 150"):
+        tensorio._npz_declared_bytes(str(tmp_path / "d.npz"), 150)
     bomb = _npz_bomb(tmp_path / "bomb.npz", 1, 30)  # 90 MiB of zeros in well under 1 MiB
-    with pytest.raises(runner.RunnerError, match=r"member x.npy declares \d+ bytes from \d+ compressed"):
-        runner._npz_declared_bytes(str(bomb), 1 << 30)
+    with pytest.raises(tensorio.RunnerError, match=r"member x.npy declares \d+ bytes from \d+ compressed"):
+        tensorio._npz_declared_bytes(str(bomb), 1 << 30)
 
 
 # ---------------------------------------------------------------- 7. a failed export --force keeps the previous one

@@ -11,6 +11,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from edgeq._device.protocol import DEVICE_MODULES
 from edgeq.report.ansible import write_ansible_summary
 from edgeq.cli import main
 from edgeq.deploy import DeployResult, LatencyStats
@@ -29,10 +30,11 @@ def collections(tmp_path_factory):
     return build_and_install(tmp_path_factory.mktemp("collection"))
 
 
-@pytest.mark.parametrize("embedded,original", [("edgeq_runner.py", "runner.py"), ("edgeq_protocol.py", "protocol.py")])
+@pytest.mark.parametrize("embedded,original", [(f"edgeq_{name}.py", f"{name}.py")
+                                               for name in ("runner", "protocol", *DEVICE_MODULES)])
 def test_modules_run_the_same_runner_and_protocol_as_edgeq_deploy(embedded, original):
-    """One implementation: the runner and the protocol embedded in module_utils are deploy/runner.py and
-    deploy/protocol.py byte for byte."""
+    """One implementation: the runner, the protocol and the device modules embedded in module_utils are
+    deploy/runner.py, deploy/protocol.py and deploy/<name>.py byte for byte."""
     copy = SOURCE / "plugins" / "module_utils" / embedded
     assert hashlib.sha256(copy.read_bytes()).hexdigest() == \
         hashlib.sha256((ROOT / "deploy" / original).read_bytes()).hexdigest(), \

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeq._device.protocol import DEVICE_MODULES
 from tests.deploy.test_activation_state import _device as make_device_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,22 +22,26 @@ PKG = "ansible_collections.edgeq.fleet.plugins.module_utils"
 
 @pytest.fixture
 def edev(monkeypatch):
-    """edgeq_device imported as the collection imports it, over deploy/runner.py and deploy/protocol.py (what the
-    build embeds)."""
+    """edgeq_device imported as the collection imports it, over deploy/runner.py, deploy/protocol.py and the device
+    modules (what the build embeds), each registered as ``edgeq_<name>`` as edgeq_device registers them."""
     parts = PKG.split(".")
     for i in range(1, len(parts) + 1):
         pkg = types.ModuleType(".".join(parts[:i]))
         pkg.__path__ = []
         monkeypatch.setitem(sys.modules, pkg.__name__, pkg)
     mods = {}
-    monkeypatch.delitem(sys.modules, "edgeq_protocol", raising=False)  # edgeq_device installs its own
-    for name, path in (("edgeq_protocol", ROOT / "deploy" / "protocol.py"),
-                       ("edgeq_runner", ROOT / "deploy" / "runner.py"), ("edgeq_device", UTILS / "edgeq_device.py")):
+    device = ["protocol", *DEVICE_MODULES, "runner"]
+    for name in device:
+        monkeypatch.delitem(sys.modules, f"edgeq_{name}", raising=False)  # edgeq_device installs its own
+    for name, path in [(f"edgeq_{n}", ROOT / "deploy" / f"{n}.py") for n in device] + \
+            [("edgeq_device", UTILS / "edgeq_device.py")]:
         spec = importlib.util.spec_from_file_location(f"{PKG}.{name}", path)
         mod = importlib.util.module_from_spec(spec)
         monkeypatch.setitem(sys.modules, spec.name, mod)
         setattr(sys.modules[PKG], name, mod)
         spec.loader.exec_module(mod)
+        if name != "edgeq_device":
+            monkeypatch.setitem(sys.modules, name, mod)  # as edgeq_device's sys.modules.setdefault does
         mods[name] = mod
     return mods["edgeq_device"]
 

@@ -127,7 +127,7 @@ def test_a_full_disk_during_activation_keeps_current_and_previous(rmod, tmp_path
     monkeypatch.setattr(rmod.os, "symlink", symlink)
     args = rmod.protocol.parse_args(["activate", "--dir", str(remote), "--sha", shas[2], "--token", "T"])
     with pytest.raises(rmod.RunnerError, match="No space left"):
-        rmod.activate(args)
+        rmod.activation.activate(args)
     assert os.readlink(remote / "current") == f"models/{shas[0]}"
     assert os.readlink(remote / "previous") == f"models/{shas[1]}"  # the rollback target survives
     assert not [p for p in remote.iterdir() if ".tmp-" in p.name]

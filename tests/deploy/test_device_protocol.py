@@ -227,7 +227,7 @@ class _FailingInterpreter:
 def test_an_invoke_failure_is_one_json_document(ok_calls, tmp_path, model_a, monkeypatch, ledger):
     runner = _load_runner()
     interp = type("Interp", (_FailingInterpreter,), {"ok": ok_calls})
-    monkeypatch.setattr(runner, "find_runtime", lambda prefer=None: ("fake", interp, None, "0", {}))
+    monkeypatch.setattr(runner.facts, "find_runtime", lambda prefer=None: ("fake", interp, None, "0", {}))
     out = io.StringIO()
     with redirect_stdout(out):
         code = runner.main(["run", "--model", str(model_a), "--runs", "3", "--warmup", "2", "--min-seconds", "0",

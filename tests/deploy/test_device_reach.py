@@ -214,7 +214,7 @@ def test_a_runtime_that_lists_no_nodes_is_unknown_not_false(device_python):
     class Bare:
         pass
 
-    assert runner._delegation(Bare(), "xnnpack") == {"requested": "xnnpack", "applied": None,
+    assert runner.measure._delegation(Bare(), "xnnpack") == {"requested": "xnnpack", "applied": None,
                                                      "delegated_nodes": None, "nodes": None, "partitions": None}
 
 

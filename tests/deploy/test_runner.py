@@ -8,6 +8,7 @@ import json
 import subprocess
 from pathlib import Path
 
+from edgeq._device.protocol import DEVICE_MODULES
 from edgeq.deploy import runner_source
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,8 +33,21 @@ def test_runner_is_python38_syntax_and_imports_nothing_of_edgeq_but_the_protocol
     assert [m for m in _imports(tree, tuple(fallback)) if m and m.startswith("edgeq")] == ["edgeq_protocol"]
     # The protocol travels as a string literal in the program: Python 3.8 syntax, standard library only.
     proto = ast.parse((ROOT / "deploy" / "protocol.py").read_text(), feature_version=(3, 8))
-    assert _imports(proto) <= {"argparse", "json", "math"}
-    for text in (src, (ROOT / "deploy" / "protocol.py").read_text()):
+    assert _imports(proto) <= {"argparse", "importlib", "json", "math", "sys"}
+    # So does each device module: Python 3.8, standard library + numpy + a runtime, the protocol its only edgeq
+    # import (the others through protocol.device_module), no private name of another device module.
+    texts = [src, (ROOT / "deploy" / "protocol.py").read_text()]
+    for name in DEVICE_MODULES:
+        text = (ROOT / "deploy" / f"{name}.py").read_text()
+        texts.append(text)
+        assert f"edgeq_install('edgeq_{name}', " in src
+        mod = ast.parse(text, feature_version=(3, 8))
+        assert not [n for n in ast.walk(mod) if isinstance(n, ast.ImportFrom) and n.module == "__future__"]
+        edgeq = {m for m in _imports(mod) if m and ("edgeq" in m or m in ("protocol", *DEVICE_MODULES))}
+        assert edgeq == {"edgeq_protocol", "edgeq._device", "protocol"}, name
+        assert not [n.attr for n in ast.walk(mod) if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+                    and isinstance(n.value, ast.Name) and n.value.id in DEVICE_MODULES], name
+    for text in texts:
         for newer in (".removeprefix(", ".removesuffix(", "functools.cache(", "zoneinfo", "math.lcm(", "str | None"):
             assert newer not in text, f"{newer} needs Python > 3.8"
 

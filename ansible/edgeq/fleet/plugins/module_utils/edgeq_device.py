@@ -6,7 +6,8 @@
 Only the Ansible glue lives here; what the host and the collection share (the
 runner's arguments, the gate verdict, the latency statistics, the report
 document, the checks on untrusted numbers) is ``edgeq_protocol`` (a byte copy
-of deploy/protocol.py), and the runner is ``edgeq_runner`` (deploy/runner.py).
+of deploy/protocol.py), and the runner is ``edgeq_runner`` (deploy/runner.py) with its device modules
+``edgeq_<name>`` (deploy/<name>.py, ``protocol.DEVICE_MODULES``).
 
 Light steps (probe, install, lock, activate, rollback) call the runner's own
 ``main()`` in this process and read its one JSON document. Anything that loads
@@ -32,10 +33,23 @@ import time
 
 from ansible_collections.edgeq.fleet.plugins.module_utils import edgeq_protocol as protocol
 
-# The runner imports the protocol as ``edgeq_protocol`` (on a device the host sends it ahead of the runner).
+# The runner and its device modules import each other as ``edgeq_<name>`` (on a device the host sends them
+# ahead of the runner): each is registered under that name before the next one, in protocol.DEVICE_MODULES order.
 sys.modules.setdefault("edgeq_protocol", protocol)
-
+from ansible_collections.edgeq.fleet.plugins.module_utils import edgeq_facts as facts  # noqa: E402
+sys.modules.setdefault("edgeq_facts", facts)
+from ansible_collections.edgeq.fleet.plugins.module_utils import edgeq_tensorio as tensorio  # noqa: E402
+sys.modules.setdefault("edgeq_tensorio", tensorio)
+from ansible_collections.edgeq.fleet.plugins.module_utils import edgeq_device_state as device_state  # noqa: E402
+sys.modules.setdefault("edgeq_device_state", device_state)
+from ansible_collections.edgeq.fleet.plugins.module_utils import edgeq_activation as activation  # noqa: E402
+sys.modules.setdefault("edgeq_activation", activation)
+from ansible_collections.edgeq.fleet.plugins.module_utils import edgeq_measure as measure  # noqa: E402
+sys.modules.setdefault("edgeq_measure", measure)
 from ansible_collections.edgeq.fleet.plugins.module_utils import edgeq_runner as runner  # noqa: E402
+
+DEVICE_MODULES = {"facts": facts, "tensorio": tensorio, "device_state": device_state, "activation": activation,
+                  "measure": measure}
 
 COLLECTION_VERSION = "0.1.0"
 MAX_DOC_BYTES = 16 * 1024 * 1024
@@ -106,18 +120,10 @@ def call(argv):
 
 
 def runner_source():
-    """The program to send to a child interpreter on stdin: the runner behind the protocol it imports."""
-    loader = getattr(runner, "__loader__", None)
-    src = None
-    if loader is not None and hasattr(loader, "get_source"):
-        try:
-            src = loader.get_source(runner.__name__)
-        except Exception:
-            src = None
-    if src is None:
-        with open(runner.__file__, "r") as f:
-            src = f.read()
-    return protocol.standalone(src.encode("utf-8"))
+    """The program to send to a child interpreter on stdin: the runner behind the protocol and the device
+    modules it imports."""
+    modules = [(name, protocol.module_source(DEVICE_MODULES[name])) for name in protocol.DEVICE_MODULES]
+    return protocol.standalone(protocol.module_source(runner).encode("utf-8"), modules)
 
 
 def run_child(argv, timeout):
@@ -169,11 +175,11 @@ class Device:
         return doc
 
     def activation(self):
-        return runner.activation_state(self.dir) if os.path.isdir(self.dir) else {"current": None, "previous": None}
+        return activation.activation_state(self.dir) if os.path.isdir(self.dir) else {"current": None, "previous": None}
 
     def has(self, rel, sha):
         """True when ``rel`` is a regular file with this sha256 (a corrupt file is re-sent, never trusted)."""
-        return runner.file_sha(self.path(rel)) == sha
+        return device_state.file_sha(self.path(rel)) == sha
 
     @contextlib.contextmanager
     def locked(self, model_sha, stale_after, ttl):
@@ -254,7 +260,7 @@ class Device:
         if state["previous"] != sha:
             return
         if state["current"]:
-            runner.record_previous(self.dir, state["current"], None)
+            activation.record_previous(self.dir, state["current"], None)
         link = os.path.join(self.dir, "previous")
         if os.path.islink(link):
             os.unlink(link)
