@@ -79,9 +79,10 @@ demo-arm64: demo-model testbed
 	eval "$$(bash $(TESTBED) env)" && $(BIN)/edgeq deploy $(OUT)/digits_int8.tflite \
 		--host "$$EDGEQ_TESTBED_HOST" --identity "$$EDGEQ_TESTBED_KEY" \
 		--known-hosts "$$EDGEQ_TESTBED_KNOWN_HOSTS" --python "$$EDGEQ_TESTBED_PYTHON_LITERT" \
-		--eval $(DEMO)/eval.npz -o reports/demo-arm64
+		--eval $(DEMO)/eval.npz -o reports/demo-arm64 --force
 
 bench: venv device-venv
+	$(BIN)/python benchmarks/bench_help.py
 	$(BIN)/python benchmarks/bench_convert.py
 	$(BIN)/python benchmarks/bench_runner.py
 	$(BIN)/python benchmarks/bench_fleet.py

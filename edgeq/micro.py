@@ -121,7 +121,7 @@ def litert_memory(model_path: str, threads: int = 1, invoke: bool = True) -> dic
     import ai_edge_litert
     from ai_edge_litert.interpreter import Interpreter
 
-    from edgeq._device.runner import delegated_nodes  # the device counts delegated nodes the same way
+    from edgeq._device.measure import delegated_nodes  # the device counts delegated nodes the same way
 
     before = _rss_bytes()
     with _CaptureStderr():

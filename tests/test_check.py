@@ -203,7 +203,7 @@ def test_mcu_acceleration_comes_from_the_kernel_table(digits_int8_tflite, digits
 
 
 def test_delegated_nodes_walks_back_from_each_partition():
-    from edgeq._device.runner import delegated_nodes
+    from edgeq._device.measure import delegated_nodes
 
     # 0: a -> b, 1: b -> c (delegated together), 2: c -> d (not), 3: DELEGATE(a, w -> c)
     ops = [{"index": 0, "op_name": "CONV_2D", "inputs": [0, 5], "outputs": [1]},

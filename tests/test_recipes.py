@@ -367,7 +367,7 @@ def test_runtime_claims(measured, recipe):
 
 def _xnnpack_takes_compute(doc: dict) -> bool:
     """Did LiteRT's default delegate (XNNPACK) take every CONV/DEPTHWISE/FULLY_CONNECTED node?"""
-    from edgeq._device.runner import delegated_nodes
+    from edgeq._device.measure import delegated_nodes
 
     if not doc["ok"]:
         return False

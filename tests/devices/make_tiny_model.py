@@ -2,7 +2,7 @@
 
 ``tiny_int8.tflite`` quantizes the dense layer per tensor; ``tiny_int8_perchannel.tflite``
 per channel (the TensorFlow converter's default), which tflite-runtime 2.14 cannot run
-on aarch64 at this small shape (see README.md). Both are checked in so the tests need no
+on aarch64 at this small shape (see docs/testbed.md). Both are checked in so the tests need no
 TensorFlow; run ``.venv/bin/python -m tests.devices.make_tiny_model`` only if the recipe changes.
 """
 

@@ -267,7 +267,7 @@ def test_fleet_of_two_emulated_pis_and_a_local_sshd_from_one_inventory(emulated_
                            "--runs", "5", "-o", str(tmp_path / "fleet"), "--json"])
     summary = json.loads((tmp_path / "fleet" / "summary.json").read_text())
     assert code == 0, output
-    assert summary["counts"] == {"hosts": 3, "ok": 3, "failed": 0, "timeout": 0}
+    assert summary["counts"] == {"hosts": 3, "ok": 3, "failed": 0, "timeout": 0, "gate_failed": 0}
     rows = {row["name"]: row for row in summary["hosts"]}
     assert rows[pi0.name]["device"]["arch"] == rows[pi1.name]["device"]["arch"] == "aarch64"
     assert rows["bench-pc"]["device"]["arch"] == "x86_64"
