@@ -28,7 +28,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from edgeq import jsondoc
 from edgeq._device import protocol
 from edgeq.errors import (ConnectError, DeviceBusy, DeviceError, DeviceProtocolError, RemoteCommandError,
                           RunnerCrashed, UsageError)
@@ -80,7 +79,7 @@ def num(lo: float = -math.inf, hi: float = math.inf, integer: bool = False) -> C
         # An int is compared as an int: math.isfinite or float() on a huge one raises OverflowError.
         if isinstance(v, float) and not math.isfinite(v):
             raise _Bad(f"{where} is not a finite number")
-        if not lo <= v <= hi or (isinstance(v, int) and abs(v) >= 10 ** jsondoc.MAX_INT_DIGITS):
+        if not lo <= v <= hi or (isinstance(v, int) and abs(v) >= 10 ** protocol.MAX_INT_DIGITS):
             shown = repr(v) if isinstance(v, float) or abs(v) < 10 ** 24 else f"an integer of {v.bit_length()} bits"
             raise _Bad(f"{where} = {shown} is out of range [{lo:g}, {hi:g}]")
     return check
@@ -361,7 +360,7 @@ class DeviceClient:
             raise DeviceProtocolError(f"the runner on {host} answered {what} with {len(last)} bytes "
                                       f"(more than {MAX_DOCUMENT_BYTES})", host=host)
         try:
-            doc = jsondoc.loads(last)
+            doc = protocol.loads(last)
         except RecursionError:
             raise DeviceProtocolError(f"the runner on {host} answered {what} with a document nested too deeply",
                                       host=host) from None
@@ -371,7 +370,7 @@ class DeviceClient:
         try:
             if not isinstance(doc, dict):
                 raise _Bad(f"the document is {_type_name(doc)}, not an object")
-            if jsondoc.depth(doc, MAX_DEPTH) > MAX_DEPTH:
+            if protocol.depth(doc, MAX_DEPTH) > MAX_DEPTH:
                 raise _Bad(f"the document is nested deeper than {MAX_DEPTH}")
             boolean(doc.get("ok"), "ok")
             if doc["ok"]:

@@ -155,7 +155,7 @@ def load_toml(path: str | Path, limit: int, label: Optional[str] = None, error: 
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
-    from edgeq import jsondoc
+    from edgeq._device import protocol
 
     where = label or str(path)
     raw = read_bounded(path, limit, where, error, missing_hint, kind)
@@ -173,7 +173,7 @@ def load_toml(path: str | Path, limit: int, label: Optional[str] = None, error: 
         raise error(f"{where}: not valid TOML ({exc})", "fix the file's syntax") from None
     except RecursionError:
         raise error(f"{where}: nested deeper than {max_depth} levels", "is it really a TOML file for edgeq?") from None
-    if jsondoc.depth(doc, max_depth) > max_depth:
+    if protocol.depth(doc, max_depth) > max_depth:
         raise error(f"{where}: nested deeper than {max_depth} levels", "is it really a TOML file for edgeq?")
     return doc
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgeq import jsondoc
+from edgeq._device import protocol
 from edgeq.cli import main
 from edgeq.deploy import runner_source
 from edgeq.device import _busy_message, integer, num
@@ -20,11 +20,11 @@ MODEL = Path(__file__).resolve().parent / "fleet" / "data" / "tiny_a.tflite"
 HUGE = 10 ** 400  # past the largest float: math.isfinite and float() raise OverflowError
 
 
-def test_jsondoc_bounds_integers_and_keeps_its_api():
-    assert jsondoc.loads('{"a": [1, -5, 18446744073709551615, 0.5]}') == {"a": [1, -5, 2 ** 64 - 1, 0.5]}
+def test_protocol_loads_bounds_integers():
+    assert protocol.loads('{"a": [1, -5, 18446744073709551615, 0.5]}') == {"a": [1, -5, 2 ** 64 - 1, 0.5]}
     for text in (str(HUGE), "-" + str(HUGE), "[" + "9" * 21 + "]", "1" * 5000):
         with pytest.raises(ValueError, match="digits"):
-            jsondoc.loads(text)
+            protocol.loads(text)
 
 
 def test_schema_checks_never_overflow_on_a_huge_integer():
@@ -32,7 +32,7 @@ def test_schema_checks_never_overflow_on_a_huge_integer():
 
     for check in (num(), num(0), integer(0), integer(0, 1 << 31)):
         with pytest.raises(_Bad, match="out of range"):
-            check(HUGE, "x")  # a document that bypassed jsondoc still fails as a protocol error
+            check(HUGE, "x")  # a document that bypassed protocol.loads still fails as a protocol error
     assert "unknown time" in _busy_message("pi", {"age_s": HUGE})
 
 

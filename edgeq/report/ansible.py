@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from edgeq import jsondoc
+from edgeq._device import protocol
 from edgeq.deploy import DeployResult, LatencyStats
 from edgeq.errors import InputError
 from edgeq.fleet_deploy import FleetOptions
@@ -57,12 +57,6 @@ def _num(value: Any) -> Optional[float]:
     if not math.isfinite(value):
         return None
     return float(value)
-
-
-def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > jsondoc.MAX_INT_DIGITS:
-        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits ({text[:20]}...) is out of range")
-    return int(text)
 
 
 def _int(value: Any, low: int = 0, high: int = _MAX_INT) -> Optional[int]:
@@ -165,12 +159,12 @@ def load_ansible_results(path: str | Path, inventory_hosts: Sequence[str] = ()) 
     try:
         # NaN and Infinity are kept here (the values that hold them are dropped one by one, below);
         # integers are bounded as for every other document from elsewhere.
-        doc = json.loads(raw.decode("utf-8"), parse_int=_bounded_int)
+        doc = json.loads(raw.decode("utf-8"), parse_int=protocol.bounded_json_int)
     except RecursionError:
         raise AnsibleResultsError(f"{p} is not an edgeq.fleet.results file: nested too deeply") from None
     except ValueError as exc:  # invalid JSON or UTF-8, NaN, or a number out of range
         raise AnsibleResultsError(f"{p} is not JSON: {str(exc)[:200]}") from None
-    if jsondoc.depth(doc, MAX_DEPTH) > MAX_DEPTH:
+    if protocol.depth(doc, MAX_DEPTH) > MAX_DEPTH:
         raise AnsibleResultsError(f"{p} is not an edgeq.fleet.results file: nested deeper than {MAX_DEPTH}")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("plays"), list):
         raise AnsibleResultsError(f"{p} is not an edgeq.fleet.results file (format {FORMAT})")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgeq import jsondoc
+from edgeq._device import protocol
 from edgeq.errors import InputError
 from edgeq.escape import one_line
 from edgeq.report.values import num, term_text
@@ -95,7 +95,7 @@ def check_report(doc: Any, where: str = "report.json") -> dict:
     if not isinstance(doc, dict):
         raise InputError(f"{where} is not an edgeq report (a JSON object), it holds {_kind(doc)}",
                          "pass a directory written by `edgeq deploy`")
-    if jsondoc.depth(doc, MAX_DEPTH) > MAX_DEPTH:
+    if protocol.depth(doc, MAX_DEPTH) > MAX_DEPTH:
         raise InputError(f"{where} is nested more than {MAX_DEPTH} levels deep; it is not an edgeq report")
     schema = doc.get("schema")
     if isinstance(schema, str) and not schema.startswith(SCHEMA_FAMILY):
@@ -124,7 +124,7 @@ def load_report(directory: str | Path) -> dict:
     if len(raw) > MAX_REPORT_BYTES:
         raise InputError(f"{path} is larger than {MAX_REPORT_BYTES // (1024 * 1024)} MiB; it is not an edgeq report")
     try:
-        doc = jsondoc.loads(raw.decode("utf-8"))
+        doc = protocol.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise InputError(f"{path} is not UTF-8 text; it is not an edgeq report") from None
     except RecursionError:

@@ -86,7 +86,8 @@ def _finite_float(text):
     return value
 
 
-def _bounded_json_int(text):
+def bounded_json_int(text):
+    """``int(text)`` for ``json.loads(parse_int=...)``; ``ValueError`` past ``MAX_INT_DIGITS`` digits."""
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise ValueError("an integer of %d digits (%s...) is out of range" % (len(text.lstrip("-")), text[:20]))
     return int(text)
@@ -97,7 +98,7 @@ def loads(text):
     invalid JSON, NaN/Infinity, a number that overflows to infinity (``1e999``) or an integer of more than
     ``MAX_INT_DIGITS`` digits, so every number it returns converts to a finite float. It may still raise
     ``RecursionError`` on absurd nesting (callers report "nested too deeply"); ``depth`` measures nesting."""
-    return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float, parse_int=_bounded_json_int)
+    return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float, parse_int=bounded_json_int)
 
 
 def depth(doc, limit):
